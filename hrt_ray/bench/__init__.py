@@ -1,0 +1,26 @@
+"""``hrt-ray bench ...``: benchmarks that print figures (speed targets live here, not in tests).
+
+Each benchmark is a module in this package exposing ``add_arguments(parser)`` and
+``run(args) -> int``; heavy imports (torch, Ray) happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    sub.required = True
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_bench_module=module_name)
+        importlib.import_module(module_name).add_arguments(cmd)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._bench_module).run(args) or 0)

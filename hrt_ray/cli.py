@@ -1,0 +1,42 @@
+"""The ``hrt-ray`` command line.
+
+Each subcommand lives beside the code it drives and exposes two functions,
+``add_arguments(parser)`` and ``run(args) -> int``. They are imported lazily so that
+``hrt-ray --help`` and a config typo answer in well under a second, before torch or Ray load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module holding add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("hrt_ray.bench", "Print speed/memory figures (model, data, train)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hrt-ray",
+        description="Train, evaluate, tune and serve HRFormer + OCR segmentation models on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,484 @@
+"""Typed experiment configuration: dataclasses, YAML files and dotted command-line overrides.
+
+Why this shape:
+- Defaults live in one place, the dataclasses below, and they *are* the embedded default run
+  (tiny model, synthetic data, 2 CPU workers). A paper config under ``jobs/`` states only what
+  differs.
+- Everything is checked before a single cluster resource is requested: an unknown key, a
+  wrong type or an impossible value raises :class:`ConfigError` naming the key path (and the
+  file), with the closest valid key for a typo.
+- ``hrt-ray config show`` prints :func:`to_dict` of exactly the object the run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and key path."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (see ``hrt_ray.models.build_model``)."""
+
+    arch: str = "hrt_tiny_ocr"
+    #: Overrides the arch's window size (ablations); ``None`` keeps the published one.
+    window_size: int | None = None
+    #: ``None`` takes the dataset spec's number of classes.
+    num_classes: int | None = None
+    #: URI of an ImageNet-pretrained backbone checkpoint (official layout), or ``None``.
+    pretrained: str | None = None
+    #: URI of a full checkpoint (ours or official segmentation) to start a *new* run from.
+    init_checkpoint: str | None = None
+    drop_path_rate: float | None = None
+    #: Recompute transformer blocks in backward: less memory at 1024x2048 for more compute.
+    activation_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    def validate(self, path: str) -> None:
+        if self.window_size is not None and self.window_size < 1:
+            raise ConfigError(f"{path}.window_size: must be a positive integer, got {self.window_size}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"{path}.num_classes: must be >= 1, got {self.num_classes}")
+        if self.drop_path_rate is not None and not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"{path}.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass
+class SynthConfig:
+    """The generated dataset of the embedded default (written when ``data.*_uri`` is missing)."""
+
+    num_train: int = 64
+    num_val: int = 16
+    size: list[int] = field(default_factory=lambda: [128, 128])
+    classes: int = 5
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _check_hw(self.size, f"{path}.size")
+        if self.num_train < 1 or self.num_val < 1:
+            raise ConfigError(f"{path}: num_train and num_val must be >= 1")
+        if self.classes < 2:
+            raise ConfigError(f"{path}.classes: must be >= 2, got {self.classes}")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how crops are made (see ``hrt_ray.data``)."""
+
+    #: A built-in dataset name (cityscapes, ade20k, pascal_context, coco_stuff, synthetic)
+    #: or the path of a dataset spec YAML.
+    dataset: str = "synthetic"
+    train_uri: str = "data/synthetic/train"
+    val_uri: str = "data/synthetic/val"
+    #: Crop (H, W); ``None`` takes the dataset spec's crop size.
+    crop_size: list[int] | None = field(default_factory=lambda: [96, 96])
+    #: Global batch size, split evenly over the training workers.
+    batch_size: int = 8
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    aspect_range: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    hflip: bool = True
+    brightness_shift: float = 10.0
+    #: Skip up to this many undecodable/mismatched records (each one is logged); 0 = fail.
+    max_bad_records: int = 0
+    #: Batches prefetched ahead of the training step on each worker.
+    prefetch_batches: int = 2
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self, path: str) -> None:
+        if not self.dataset:
+            raise ConfigError(f"{path}.dataset: must name a dataset or a spec file")
+        for key in ("train_uri", "val_uri"):
+            if not getattr(self, key):
+                raise ConfigError(f"{path}.{key}: must be a local path, s3:// or gs:// URI")
+        if self.crop_size is not None:
+            _check_hw(self.crop_size, f"{path}.crop_size")
+        if self.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size: must be >= 1, got {self.batch_size}")
+        _check_range(self.scale_range, f"{path}.scale_range")
+        _check_range(self.aspect_range, f"{path}.aspect_range")
+        if self.max_bad_records < 0:
+            raise ConfigError(f"{path}.max_bad_records: must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then poly decay, by iteration, as the official HRT scripts."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 1500
+    #: LR at iteration 0 as a fraction of ``lr`` during warmup.
+    warmup_ratio: float = 1e-6
+    poly_power: float = 0.9
+    max_iters: int = 80000
+    #: Mixed precision on GPU: bf16, fp16 (with a grad scaler) or off. CPU always runs fp32.
+    amp: Literal["bf16", "fp16", "off"] = "bf16"
+    grad_clip: float | None = None
+
+    def validate(self, path: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay: must be >= 0")
+        if self.max_iters < 1:
+            raise ConfigError(f"{path}.max_iters: must be >= 1, got {self.max_iters}")
+        if not 0 <= self.warmup_iters < self.max_iters:
+            raise ConfigError(
+                f"{path}.warmup_iters: must be in [0, max_iters={self.max_iters}), got {self.warmup_iters}"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{path}.betas: must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class LossConfig:
+    """OHEM cross-entropy on the main head + weighted cross-entropy on the auxiliary head."""
+
+    ohem: bool = True
+    #: Keep pixels whose probability of the true class is below this...
+    ohem_thresh: float = 0.7
+    #: ...but at least this many pixels per batch (per worker).
+    ohem_min_kept: int = 100000
+    aux_weight: float = 0.4
+    class_weights: list[float] | None = None
+    ignore_index: int = 255
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.ohem_thresh <= 1:
+            raise ConfigError(f"{path}.ohem_thresh: must be in (0, 1], got {self.ohem_thresh}")
+        if self.ohem_min_kept < 0:
+            raise ConfigError(f"{path}.ohem_min_kept: must be >= 0")
+        if self.aux_weight < 0:
+            raise ConfigError(f"{path}.aux_weight: must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and ``hrt-ray eval``."""
+
+    #: Validate every this many iterations (and at the end).
+    interval: int = 50
+    mode: Literal["whole", "slide"] = "whole"
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    #: Sliding-window crop and stride (H, W); ``None`` takes the training crop / 2/3 of it.
+    crop_size: list[int] | None = None
+    stride: list[int] | None = None
+
+    def validate(self, path: str) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"{path}.interval: must be >= 1")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"{path}.scales: must be a non-empty list of positive numbers")
+        if self.crop_size is not None:
+            _check_hw(self.crop_size, f"{path}.crop_size")
+        if self.stride is not None:
+            _check_hw(self.stride, f"{path}.stride")
+
+
+@dataclass
+class ScalingConfig:
+    """How many Ray Train workers and what each one gets."""
+
+    num_workers: int = 2
+    #: Elastic training: the smallest group the run continues with after losing nodes.
+    min_workers: int | None = None
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    #: CPUs for each Ray Data decode/augment task; keep headroom so data is not starved.
+    cpus_per_data_worker: float = 1.0
+    #: Extra resources each worker asks for (e.g. ``{"node_slot": 1}`` to spread over nodes).
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers: must be >= 0, got {self.num_workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"{path}.min_workers: must be in [1, num_workers={self.num_workers}], got {self.min_workers}"
+            )
+        if self.cpus_per_worker < 0 or self.cpus_per_data_worker <= 0:
+            raise ConfigError(f"{path}: cpus_per_worker must be >= 0 and cpus_per_data_worker > 0")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ConfigError(f"{path}.gpus_per_worker: must be > 0 when use_gpu is true")
+
+
+@dataclass
+class StorageConfig:
+    """Where the run's checkpoints, metrics and logs go: a local path, s3:// or gs://."""
+
+    path: str = "runs"
+    #: S3-compatible endpoint override (``http://host:port``); else ``AWS_ENDPOINT_URL``.
+    endpoint: str | None = None
+
+    def validate(self, path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{path}.path: must be a local path, s3:// or gs:// URI")
+
+
+@dataclass
+class CheckpointConfig:
+    #: Report metrics and a checkpoint every this many iterations.
+    every: int = 25
+    #: Keep this many best checkpoints (by ``metric``) besides the latest.
+    keep: int = 2
+    metric: str = "val/mIoU"
+    mode: Literal["max", "min"] = "max"
+
+    def validate(self, path: str) -> None:
+        if self.every < 1:
+            raise ConfigError(f"{path}.every: must be >= 1")
+        if self.keep < 1:
+            raise ConfigError(f"{path}.keep: must be >= 1")
+
+
+@dataclass
+class FailureConfig:
+    #: Worker-group restarts from the latest checkpoint before the run fails.
+    max_failures: int = 3
+    #: A worker that waits this long for a batch, or a collective that stalls this long, fails
+    #: the run with an error naming the stage instead of hanging.
+    stall_timeout_s: float = 600.0
+
+    def validate(self, path: str) -> None:
+        if self.max_failures < -1:
+            raise ConfigError(f"{path}.max_failures: must be >= -1 (-1 = unlimited)")
+        if self.stall_timeout_s <= 0:
+            raise ConfigError(f"{path}.stall_timeout_s: must be > 0")
+
+
+@dataclass
+class TargetConfig:
+    """The published result a paper config should reproduce (shown beside what we get)."""
+
+    miou_ss: float | None = None
+    miou_ms: float | None = None
+    source: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    #: The run name; re-running the same name in the same storage resumes it.
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(max_iters=150, warmup_iters=10, lr=1e-3, amp="off")
+    )
+    loss: LossConfig = field(default_factory=lambda: LossConfig(ohem_min_kept=10000))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+    def validate(self, path: str) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ConfigError(f"{path}name: must be a non-empty name without '/', '\\' or spaces")
+        if self.scaling.num_workers and self.data.batch_size % self.scaling.num_workers:
+            raise ConfigError(
+                f"{path}data.batch_size: {self.data.batch_size} does not split evenly over "
+                f"scaling.num_workers={self.scaling.num_workers}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, printing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_hw(value: Sequence[int], path: str) -> None:
+    if len(value) != 2 or any(v < 1 for v in value):
+        raise ConfigError(f"{path}: must be [height, width] of positive integers, got {list(value)}")
+
+
+def _check_range(value: Sequence[float], path: str) -> None:
+    if len(value) != 2 or not 0 < value[0] <= value[1]:
+        raise ConfigError(f"{path}: must be [low, high] with 0 < low <= high, got {list(value)}")
+
+
+def _suggest(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} Allowed: {', '.join(sorted(allowed))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+        return _build(tp, value, path)
+    if origin in (list, Sequence) or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # a bug in this module, not in the config
+
+
+def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
+    """A ``cls`` built from its defaults with ``data`` merged in, key by key, type-checked."""
+    return _merge_into(cls(), data, path)
+
+
+def _merge_into(current: Any, data: Mapping[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(type(current))
+    names = [f.name for f in dataclasses.fields(current)]
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{key_path}: unknown key{_suggest(str(key), names)}")
+        existing = getattr(current, key)
+        if dataclasses.is_dataclass(existing) and isinstance(value, Mapping):
+            _merge_into(existing, value, key_path)
+        else:
+            setattr(current, key, _coerce(value, hints[key], key_path))
+    return current
+
+
+def _validate(obj: Any, path: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{path}{f.name}")
+    if hasattr(obj, "validate"):
+        obj.validate(path.rstrip(".") if path else path)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=2e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted ``KEY=VALUE`` pairs into a raw config mapping (validated later, by type)."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        cls: Any = ExperimentConfig
+        node = data
+        for depth, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where}: unknown key{_suggest(part, names)}")
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                cls = typing.get_type_hints(cls)[part]
+                if not dataclasses.is_dataclass(cls):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+                node = node.setdefault(part, {})
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load ``path`` (YAML; ``None`` = the embedded default), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = dict(loaded or {})
+    try:
+        data = apply_overrides(data, overrides)
+        cfg = _build(ExperimentConfig, data, "")
+        _validate(cfg, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Shared fixtures: a real S3-compatible server and a real local Ray instance, both on loopback.
+
+Nothing here is mocked: ``s3_server`` runs ``moto_server`` as a separate process bound to
+127.0.0.1, and code under test reaches it through the same pyarrow/fsspec path as real S3
+(endpoint taken from ``AWS_ENDPOINT_URL``). ``ray_session`` starts one local Ray instance for
+the whole test session (starting Ray costs seconds; tests share it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Fake credentials for the loopback S3 server; set before anything (Ray workers included)
+# starts, so every process sees the same standard credential chain.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Tests on loopback opt out of Ray's token auth (see shared notes/ray-2.60.md).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited early with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server on 127.0.0.1:{port} did not come up in {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A ``moto_server`` on 127.0.0.1; yields its endpoint URL and sets ``AWS_ENDPOINT_URL``."""
+    port = free_port()
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
+    proc = subprocess.Popen(
+        [*cmd, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        yield endpoint
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the loopback server; yields ``s3://<name>``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: str) -> Iterator[None]:
+    """One local Ray instance for the session, started after the S3 endpoint is in the env.
+
+    4 logical CPUs on a 2-core box: Ray Train workers' CPUs are excluded from Ray Data's
+    budget, so data tasks need headroom beside 2 train workers (shared notes).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            object_store_memory=1 << 30,
+            log_to_driver=False,
+        )
+    yield
+    ray.shutdown()
