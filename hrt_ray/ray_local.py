@@ -1,0 +1,34 @@
+"""Start or join Ray for a command: the cluster in ``RAY_ADDRESS``, else a local instance.
+
+The embedded default (``make train`` on a laptop or CI box) starts a local instance with
+more logical CPUs than cores: Ray Train's workers' CPUs are excluded from Ray Data's budget,
+so data tasks need headroom beside two CPU train workers (see shared notes on Ray 2.60).
+Local instances stay on loopback: Ray otherwise advertises the machine's external address.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Logical CPUs of a local instance: 2 train workers + data tasks + the file-listing task.
+MIN_LOCAL_CPUS = 4
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Makes Ray's node-IP lookup answer 127.0.0.1 for this single-node instance; its workers
+    # inherit the variable.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
+        dashboard_host="127.0.0.1",
+        include_dashboard=True,
+    )

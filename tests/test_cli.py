@@ -1,0 +1,40 @@
+"""The console entry point: fast help, every registered command importable without torch/Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from hrt_ray import cli
+
+
+def test_every_command_registers_its_arguments():
+    parser = cli.build_parser()
+    for name in cli.COMMANDS:
+        # --help on each subcommand exits 0 after printing its usage.
+        try:
+            parser.parse_args([name, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, name
+
+
+def test_help_does_not_import_torch_or_ray():
+    code = (
+        "import sys; from hrt_ray import cli; cli.build_parser();"
+        "bad = [m for m in ('torch', 'ray') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_python_dash_m_runs_the_same_cli():
+    proc = subprocess.run([sys.executable, "-m", "hrt_ray", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for name in cli.COMMANDS:
+        assert name in proc.stdout
+
+
+def test_unknown_command_is_an_error():
+    proc = subprocess.run([sys.executable, "-m", "hrt_ray", "trian"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
