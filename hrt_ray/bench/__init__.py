@@ -10,7 +10,9 @@ import argparse
 import importlib
 
 # name -> (module, one-line help)
-BENCHMARKS: dict[str, tuple[str, str]] = {}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "model": ("hrt_ray.bench.model", "Model parameters, FLOPs, forward/backward time and peak memory."),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
