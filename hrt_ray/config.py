@@ -173,7 +173,11 @@ class LossConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation during training and ``hrt-ray eval``."""
+    """Validation during training and ``hrt-ray eval``.
+
+    Validation during training runs at scale 1.0 without flip (fast, comparable across runs);
+    ``scales`` and ``flip`` apply to ``hrt-ray eval`` and the evaluation after training.
+    """
 
     #: Validate every this many iterations (and at the end).
     interval: int = 50
@@ -183,10 +187,16 @@ class EvalConfig:
     #: Sliding-window crop and stride (H, W); ``None`` takes the training crop / 2/3 of it.
     crop_size: list[int] | None = None
     stride: list[int] | None = None
+    #: Images per inference batch on each worker (validation images of different sizes need 1).
+    batch_size: int = 1
+    #: Validate once before the first step too, so the curve shows where it started.
+    at_start: bool = True
 
     def validate(self, path: str) -> None:
         if self.interval < 1:
             raise ConfigError(f"{path}.interval: must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size: must be >= 1, got {self.batch_size}")
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ConfigError(f"{path}.scales: must be a non-empty list of positive numbers")
         if self.crop_size is not None:
@@ -209,6 +219,9 @@ class ScalingConfig:
     cpus_per_data_worker: float = 1.0
     #: Extra resources each worker asks for (e.g. ``{"node_slot": 1}`` to spread over nodes).
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    #: Fail before ``fit()`` when the cluster can never place the workers (Ray would wait
+    #: forever). Turn off on an autoscaling cluster whose nodes are not up yet.
+    check_resources: bool = True
 
     def validate(self, path: str) -> None:
         if self.num_workers < 0:
@@ -478,6 +491,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Rebuild (and re-validate) a config from :func:`to_dict` output, e.g. inside a Ray worker."""
+    try:
+        cfg = _build(ExperimentConfig, data, "")
+        _validate(cfg, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
 
 
 def dump_yaml(cfg: Any) -> str:

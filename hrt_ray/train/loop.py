@@ -1,0 +1,496 @@
+"""The per-worker training function run by Ray Train's ``TorchTrainer``.
+
+One worker: build the model, resume from ``ray.train.get_checkpoint()`` if the run has one,
+wrap in DDP, then loop over its shard of the training data by iteration. Every
+``checkpoint.every`` iterations (and after each validation) every rank calls
+``ray.train.report`` (a barrier) and rank 0 attaches a checkpoint written atomically to a
+temporary directory. Validation sums one confusion matrix over all workers.
+
+The step itself (:func:`train_step`) and the validation (:func:`validate`) are free functions so
+the single-process benchmark runs exactly the same code without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hrt_ray.config import ExperimentConfig, from_dict
+from hrt_ray.eval.inference import predict
+from hrt_ray.eval.metrics import SegMetrics, all_reduce_confusion, confusion_matrix, metrics_from_confusion
+from hrt_ray.train.loss import segmentation_loss
+from hrt_ray.train.optim import build_optimizer, build_scheduler
+from hrt_ray.train.state import rng_state, save_state, seed_everything, set_rng_state, unwrap
+from hrt_ray.train.watchdog import iter_with_timeout
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stops before any checkpoint of the broken state."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks shared by the Ray loop and the plain-process benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on GPU as configured; CPU always trains in fp32."""
+    if device.type != "cuda" or cfg.optim.amp == "off":
+        return None
+    return torch.bfloat16 if cfg.optim.amp == "bf16" else torch.float16
+
+
+def build_training_model(
+    cfg: ExperimentConfig, num_classes: int, device: torch.device, world_gpus: int
+) -> nn.Module:
+    """The model on ``device`` with pretrained/initial weights; SyncBN only with >1 GPU worker."""
+    from hrt_ray.models import build_model, load_checkpoint
+
+    model = build_model(
+        cfg.model.arch,
+        num_classes,
+        window_size=cfg.model.window_size,
+        drop_path_rate=cfg.model.drop_path_rate,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        channels_last=cfg.model.channels_last,
+    )
+    if cfg.model.pretrained:
+        load_checkpoint(model, cfg.model.pretrained, endpoint=cfg.storage.endpoint)
+    if cfg.model.init_checkpoint:
+        load_checkpoint(model, cfg.model.init_checkpoint, endpoint=cfg.storage.endpoint)
+    if world_gpus > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device)
+
+
+def resolve_num_classes(cfg: ExperimentConfig) -> int:
+    """``model.num_classes`` if set, else the dataset spec's."""
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes
+    from hrt_ray.data import get_spec
+
+    return int(get_spec(cfg.data.dataset).num_classes)
+
+
+def loss_kwargs(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+    weights = None
+    if cfg.loss.class_weights is not None:
+        weights = torch.tensor(cfg.loss.class_weights, dtype=torch.float32, device=device)
+    return {
+        "ohem": cfg.loss.ohem,
+        "ohem_thresh": cfg.loss.ohem_thresh,
+        "ohem_min_kept": cfg.loss.ohem_min_kept,
+        "aux_weight": cfg.loss.aux_weight,
+        "ignore_index": cfg.loss.ignore_index,
+        "class_weights": weights,
+    }
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    skipped: bool = False
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    loss_args: dict[str, Any],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+    poison_loss: bool = False,
+) -> StepResult:
+    """One optimisation step. Raises :class:`NonFiniteLossError` unless a grad scaler handles it."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+    with autocast:
+        outputs = model(images)
+    # The losses run in fp32 whatever the autocast dtype (segmentation_loss casts up).
+    loss, _ = segmentation_loss(outputs, masks, **loss_args)
+    if poison_loss:
+        loss = loss * float("nan")
+    if not bool(torch.isfinite(loss.detach())) and scaler is None:
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(loss.detach())}) at iteration {scheduler.last_epoch}; "
+            "stopping before the next checkpoint so no broken state is saved "
+            "(lower optim.lr, raise optim.warmup_iters, or use optim.amp=fp16, "
+            "whose grad scaler skips such steps)"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    skipped = False
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale_before
+    else:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    scheduler.step()
+    return StepResult(loss=loss.detach(), skipped=skipped)
+
+
+@torch.no_grad()
+def confusion_over(
+    model: nn.Module,
+    batches: Any,
+    num_classes: int,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    scales: list[float] | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """The confusion matrix of ``batches`` summed over all workers (every rank must call it)."""
+    was_training = model.training
+    model.eval()
+    crop, stride = eval_window(cfg)
+    matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+    with autocast:
+        for batch in batches:
+            images = batch["image"].to(device)
+            masks = batch["mask"].to(device)
+            pred = predict(
+                model,
+                images,
+                num_classes,
+                mode=cfg.eval.mode,
+                scales=scales or [1.0],
+                flip=flip,
+                crop=crop,
+                stride=stride,
+            )
+            matrix += confusion_matrix(pred, masks, num_classes, cfg.loss.ignore_index)
+    model.train(was_training)
+    return all_reduce_confusion(matrix)
+
+
+def validate(
+    model: nn.Module,
+    batches: Any,
+    num_classes: int,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> SegMetrics:
+    """Single-scale metrics over all workers, as validation during training reports them."""
+    return metrics_from_confusion(confusion_over(model, batches, num_classes, cfg, device, amp_dtype))
+
+
+def eval_window(cfg: ExperimentConfig) -> tuple[list[int] | None, list[int] | None]:
+    """Sliding-window crop and stride: as configured, else the training crop and 2/3 of it."""
+    crop = cfg.eval.crop_size or cfg.data.crop_size
+    stride = cfg.eval.stride or ([max(1, (2 * c) // 3) for c in crop] if crop else None)
+    return crop, stride
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Meter:
+    """Sums over one reporting window: loss, images, step and data-wait time."""
+
+    steps: int = 0
+    images: int = 0
+    loss_sum: float = 0.0
+    wait_s: float = 0.0
+    busy_s: float = 0.0
+    skipped: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def summary(self, world_size: int) -> dict[str, float]:
+        elapsed = max(self.wait_s + self.busy_s, 1e-9)
+        return {
+            "train/loss": self.loss_sum / max(self.steps, 1),
+            "perf/images_per_s_per_worker": self.images / elapsed,
+            "perf/images_per_s": self.images / elapsed * world_size,
+            "perf/data_wait_frac": self.wait_s / elapsed,
+            "perf/step_time_s": elapsed / max(self.steps, 1),
+            "train/skipped_steps": float(self.skipped),
+        }
+
+
+def _mean_across_workers(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _TensorBoard:
+    """Rank 0's event files, in ``<run dir>/tensorboard`` (uploaded after each report if remote)."""
+
+    def __init__(self, run_uri: str, endpoint: str | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from hrt_ray import storage
+
+        self.remote = storage.is_remote(run_uri)
+        self.target = f"{run_uri.rstrip('/')}/tensorboard"
+        self.endpoint = endpoint
+        self.local = Path(tempfile.mkdtemp(prefix="hrt-tb-")) if self.remote else Path(self.target)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.local))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        if self.remote:
+            from hrt_ray import storage
+
+            for path in self.local.iterdir():
+                storage.write_bytes(f"{self.target}/{path.name}", path.read_bytes(), endpoint=self.endpoint)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The worker function
+# --------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point. ``config``: ``{"cfg": to_dict(cfg), "run_uri": str, "fault": {...}}``.
+
+    ``fault`` is a test-only fault-injection knob: ``{"crash_at_iter": k, "marker": path}``
+    kills the last rank's process once at iteration ``k``; ``{"nan_at_iter": k}`` poisons the
+    loss at iteration ``k``.
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from hrt_ray.data import iter_batches
+
+    cfg = from_dict(config["cfg"], source="train_loop_config")
+    fault = config.get("fault") or {}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and cfg.scaling.cpus_per_worker >= 1:
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    amp_dtype = autocast_dtype(cfg, device)
+    num_classes = resolve_num_classes(cfg)
+    world_gpus = world if device.type == "cuda" else 0
+
+    seed_everything(cfg.seed * 1000 + rank)
+    model = build_training_model(cfg, num_classes, device, world_gpus)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    scheduler = build_scheduler(
+        optimizer, cfg.optim.max_iters, cfg.optim.warmup_iters, cfg.optim.warmup_ratio, cfg.optim.poly_power
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    iteration, data_epoch, best = 0, 0, None
+    history: list[list[float]] = []
+    resumed_from: int | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        from hrt_ray.train.state import load_state
+
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_state(ckpt_dir)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        iteration = int(state["iteration"])
+        # The partly seen epoch is not replayed: Ray Data's split order is not reproducible,
+        # so the data continues at the next epoch boundary.
+        data_epoch = int(state["data_epoch"]) + 1
+        best = state.get("best")
+        history = [list(h) for h in state.get("history", [])]
+        rngs = state.get("rng") or []
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:  # world size changed (elastic): derive fresh, distinct streams
+            seed_everything(cfg.seed * 1000 + rank + 7919 * iteration)
+        resumed_from = iteration
+
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        train_model: nn.Module = DistributedDataParallel(model, **ddp_kwargs)
+    else:
+        train_model = model
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+    train_model.train()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_worker = cfg.data.batch_size // max(world, 1)
+    timeout = cfg.failure.stall_timeout_s
+    loss_args = loss_kwargs(cfg, device)
+    tb = _TensorBoard(config["run_uri"], cfg.storage.endpoint) if rank == 0 else None
+    metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
+    worst = -math.inf if mode == "max" else math.inf
+
+    def run_validation() -> dict[str, float]:
+        batches = iter_with_timeout(
+            iter_batches(val_shard, cfg.eval.batch_size, epoch=0, train=False, prefetch_batches=1),
+            timeout,
+            stage=f"validation data (rank {rank}, iteration {iteration})",
+        )
+        metrics = validate(model, batches, num_classes, cfg, device, amp_dtype)
+        return metrics.as_report("val/")
+
+    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        nonlocal best
+        value = metrics.get(metric)
+        if value is not None and (best is None or (value > best if mode == "max" else value < best)):
+            best = float(value)
+        metrics = {**metrics, "iteration": iteration, "data_epoch": data_epoch, "best": best}
+        # Ray ranks checkpoints by ``metric``; one without a fresh value must never rank first.
+        metrics.setdefault(metric, worst)
+        rngs = _gather_objects(rng_state()) if with_checkpoint else None
+        if tb is not None:
+            tb.log({k: v for k, v in metrics.items() if "/" in k}, iteration)
+        if rank == 0 and with_checkpoint:
+            with tempfile.TemporaryDirectory(prefix="hrt-ckpt-") as tmp:
+                save_state(
+                    tmp,
+                    {
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else {},
+                        "iteration": iteration,
+                        "data_epoch": data_epoch,
+                        "best": best,
+                        "history": history,
+                        "rng": rngs,
+                        "arch": cfg.model.arch,
+                        "num_classes": num_classes,
+                        "config": config["cfg"],
+                    },
+                )
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    if iteration == 0 and cfg.eval.at_start:
+        val = run_validation()
+        history.append([0.0, val["val/mIoU"]])
+        report(val, with_checkpoint=False)
+
+    meter = Meter()
+    while iteration < cfg.optim.max_iters:
+        got_batch = False
+        batches = iter_with_timeout(
+            iter_batches(
+                train_shard,
+                per_worker,
+                epoch=data_epoch,
+                train=True,
+                prefetch_batches=cfg.data.prefetch_batches,
+            ),
+            timeout,
+            stage=f"training data (rank {rank}, epoch {data_epoch})",
+        )
+        t_wait = time.perf_counter()
+        for batch in batches:
+            t_step = time.perf_counter()
+            got_batch = True
+            meter.wait_s += t_step - t_wait
+            if fault.get("crash_at_iter") == iteration + 1 and rank == world - 1:
+                marker = Path(fault["marker"])
+                if not marker.exists():
+                    marker.write_text(f"crashed at iteration {iteration + 1}\n")
+                    os._exit(17)
+            step = train_step(
+                train_model,
+                batch,
+                optimizer,
+                scheduler,
+                scaler,
+                loss_args,
+                device,
+                amp_dtype,
+                grad_clip=cfg.optim.grad_clip,
+                channels_last=cfg.model.channels_last,
+                poison_loss=fault.get("nan_at_iter") == iteration + 1,
+            )
+            iteration += 1
+            meter.steps += 1
+            meter.images += int(batch["image"].shape[0])
+            meter.loss_sum += float(step.loss)
+            meter.skipped += int(step.skipped)
+            meter.busy_s += time.perf_counter() - t_step
+
+            validate_now = iteration % cfg.eval.interval == 0 or iteration == cfg.optim.max_iters
+            report_now = validate_now or iteration % cfg.checkpoint.every == 0
+            if report_now:
+                metrics: dict[str, Any] = meter.summary(world)
+                metrics["train/loss"] = _mean_across_workers(metrics["train/loss"], device)
+                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                if validate_now:
+                    metrics.update(run_validation())
+                    history.append([float(iteration), metrics["val/mIoU"]])
+                report(metrics, with_checkpoint=True)
+                meter = Meter()
+            if iteration >= cfg.optim.max_iters:
+                break
+            t_wait = time.perf_counter()
+        if not got_batch:
+            raise RuntimeError(
+                f"rank {rank}: the training shard of {cfg.data.train_uri} yielded no batch of "
+                f"{per_worker} in epoch {data_epoch} (too few samples for data.batch_size over "
+                f"{world} workers?)"
+            )
+        if iteration < cfg.optim.max_iters:
+            data_epoch += 1
+    if tb is not None:
+        tb.close()
+    return {"iteration": iteration, "best": best, "history": history, "resumed_from": resumed_from}
