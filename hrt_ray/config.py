@@ -284,9 +284,17 @@ class FailureConfig:
 class TargetConfig:
     """The published result a paper config should reproduce (shown beside what we get)."""
 
+    #: Single-scale and multi-scale mIoU in percent, as the paper prints them.
     miou_ss: float | None = None
     miou_ms: float | None = None
+    #: Where the numbers come from (paper table / README row).
     source: str | None = None
+
+    def validate(self, path: str) -> None:
+        for key in ("miou_ss", "miou_ms"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 100:
+                raise ConfigError(f"{path}.{key}: a percentage in [0, 100], got {value}")
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""Experiment config: errors name the key path before anything starts; every job file validates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hrt_ray.config import ConfigError, from_dict, load_config, to_dict
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = sorted(p for p in (REPO / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  learning_rate: 1e-3\n  wieght_decay: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "optim.learning_rate: unknown key" in msg
+    assert "Allowed:" in msg and "weight_decay" in msg
+    with pytest.raises(ConfigError, match=r"optim\.wieght_decay: unknown key; did you mean 'weight_decay'"):
+        load_config(write(tmp_path, "optim:\n  wieght_decay: 0.1\n"))
+
+
+def test_wrong_type_and_impossible_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers: expected an integer, got 'two'"):
+        load_config(write(tmp_path, "scaling:\n  num_workers: two\n"))
+    with pytest.raises(ConfigError, match=r"optim\.lr: must be > 0"):
+        load_config(None, ["optim.lr=-1"])
+    with pytest.raises(
+        ConfigError, match=r"optim\.amp: 'fp8' is not allowed; choose one of 'bf16', 'fp16', 'off'"
+    ):
+        load_config(None, ["optim.amp=fp8"])
+    with pytest.raises(
+        ConfigError, match=r"data\.batch_size: 9 does not split evenly over scaling\.num_workers=2"
+    ):
+        load_config(None, ["data.batch_size=9"])
+    with pytest.raises(ConfigError, match=r"eval\.batch_size: must be >= 1"):
+        load_config(None, ["eval.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"target\.miou_ss: a percentage"):
+        load_config(None, ["target.miou_ss=180"])
+
+
+def test_overrides_are_typed_and_checked() -> None:
+    cfg = load_config(None, ["optim.lr=2e-4", "scaling.num_workers=4", "eval.scales=[0.75,1.0,1.25]"])
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.scaling.num_workers == 4
+    assert cfg.eval.scales == [0.75, 1.0, 1.25]
+    with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean 'lr'"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"optim\.lr\.x is not a section|optim\.lr is not a section"):
+        load_config(None, ["optim.lr.x=1"])
+
+
+def test_from_dict_round_trip() -> None:
+    cfg = load_config(None, ["optim.lr=3e-4", "name=abc"])
+    again = from_dict(json.loads(json.dumps(to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_every_job_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    if path.stem == "default":
+        assert cfg == load_config(None), "jobs/default.yaml must be the embedded default"
+        return
+    assert cfg.target.source and "HRFormer" in cfg.target.source
+    assert cfg.optim.lr == pytest.approx(1e-4) and cfg.optim.weight_decay == pytest.approx(0.01)
+    assert cfg.eval.scales == [0.75, 1.0, 1.25] and cfg.eval.flip
+    assert cfg.loss.aux_weight == pytest.approx(0.4)
+    expected = {
+        "cityscapes": (80000, 8, [512, 1024]),
+        "pascal_context": (60000, 16, [520, 520]),
+        "coco_stuff": (60000, 16, [520, 520]),
+        "ade20k": (150000, 8, [520, 520]),
+    }[cfg.data.dataset]
+    assert (cfg.optim.max_iters, cfg.data.batch_size, cfg.data.crop_size) == expected
+    if "w15" not in path.stem or cfg.data.dataset != "ade20k":
+        assert cfg.target.miou_ss is not None and cfg.target.miou_ms is not None
+        assert cfg.target.miou_ms >= cfg.target.miou_ss
+
+
+def test_job_rows_cover_the_published_tables() -> None:
+    rows = {(load_config(p).data.dataset, load_config(p).model.arch) for p in JOBS if p.stem != "default"}
+    assert len(rows) == 13
+    for ds in ("cityscapes", "pascal_context", "coco_stuff"):
+        assert {a for d, a in rows if d == ds} == {"hrt_small_ocr", "hrt_base_ocr", "hrt_base_w15_ocr"}
+    assert {a for d, a in rows if d == "ade20k"} == {
+        "hrt_small_ocr",
+        "hrt_base_ocr",
+        "hrt_base_w13_ocr",
+        "hrt_base_w15_ocr",
+    }
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hrt_ray", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_config_show_prints_the_resolved_config() -> None:
+    out = _cli("config", "show", "jobs/default.yaml", "optim.lr=2e-4", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["optim"]["lr"] == pytest.approx(2e-4) and data["model"]["arch"] == "hrt_tiny_ocr"
+    yaml_out = _cli("config", "show", "jobs/default.yaml")
+    assert yaml_out.returncode == 0 and "arch: hrt_tiny_ocr" in yaml_out.stdout
+    bad = _cli("config", "show", "jobs/default.yaml", "scaling.num_wrokers=3")
+    assert bad.returncode == 2
+    assert "scaling.num_wrokers: unknown key; did you mean 'num_workers'" in bad.stderr
+    # A config typo is reported by `train` before Ray or torch start.
+    bad_train = _cli("train", "--config", "jobs/default.yaml", "optim.max_iter=3")
+    assert bad_train.returncode == 2 and "did you mean 'max_iters'" in bad_train.stderr
