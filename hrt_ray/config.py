@@ -100,6 +100,11 @@ class DataConfig:
     max_bad_records: int = 0
     #: Batches prefetched ahead of the training step on each worker.
     prefetch_batches: int = 2
+    #: Crops held in each worker's local shuffle buffer (reseeded every epoch); 0 = 4 x batch.
+    shuffle_buffer: int = 0
+    #: Channel order fed to the model. The official HRFormer segmentation checkpoints were trained
+    #: on BGR (cv2) input with the RGB-ordered ImageNet mean/std; evaluate those with "BGR".
+    channel_order: Literal["RGB", "BGR"] = "RGB"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self, path: str) -> None:
@@ -116,6 +121,8 @@ class DataConfig:
         _check_range(self.aspect_range, f"{path}.aspect_range")
         if self.max_bad_records < 0:
             raise ConfigError(f"{path}.max_bad_records: must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"{path}.shuffle_buffer: must be >= 0 (0 = 4 x the per-worker batch)")
 
 
 @dataclass

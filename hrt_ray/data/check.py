@@ -1,0 +1,131 @@
+"""``hrt-ray data check``: catch label and pairing mistakes in prepared shards before GPU hours.
+
+Reads the shards record by record (one row group in memory at a time) and reports: label
+values that are neither a class nor the ignore label, image/mask size mismatches, records that
+do not decode, the per-class pixel histogram, classes never seen, and a hint when the labels
+look shifted by one (the usual zero-label-reduction mistake).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hrt_ray.data.codec import DataError, decode_image, decode_mask
+from hrt_ray.data.shards import iter_records, read_manifest
+from hrt_ray.data.specs import DatasetSpec, get_spec, spec_from_dict
+
+
+@dataclass
+class CheckReport:
+    uri: str
+    spec: DatasetSpec
+    records: int = 0
+    raw_hist: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
+    class_hist: np.ndarray | None = None
+    ignored_pixels: int = 0
+    errors: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def unseen(self) -> list[int]:
+        return [i for i, c in enumerate(self.class_hist) if c == 0]
+
+    def format(self, max_errors: int = 50) -> str:
+        total = int(self.class_hist.sum() + self.ignored_pixels) or 1
+        lines = [
+            f"{self.uri}: {self.records} records, dataset {self.spec.name} ({self.spec.num_classes} classes)"
+        ]
+        lines.append("class pixel histogram (train ids):")
+        for i, (name, count) in enumerate(zip(self.spec.class_names, self.class_hist, strict=True)):
+            lines.append(f"  {i:3d} {name:<24s} {int(count):>14d}  {100 * count / total:6.2f}%")
+        lines.append(
+            f"  ign {'(ignore ' + str(self.spec.ignore_index) + ')':<24s} {self.ignored_pixels:>14d}  "
+            f"{100 * self.ignored_pixels / total:6.2f}%"
+        )
+        if self.unseen:
+            names = ", ".join(f"{i} {self.spec.class_names[i]}" for i in self.unseen)
+            lines.append(f"classes never seen: {names}")
+        for hint in self.hints:
+            lines.append(f"hint: {hint}")
+        if self.errors:
+            lines.append(f"{len(self.errors)} problem(s):")
+            lines.extend(f"  {e}" for e in self.errors[:max_errors])
+            if len(self.errors) > max_errors:
+                lines.append(f"  ... and {len(self.errors) - max_errors} more")
+        else:
+            lines.append("OK: every label is a class or the ignore label, every mask matches its image")
+        return "\n".join(lines)
+
+
+def _off_by_one_hints(spec: DatasetSpec, raw_hist: np.ndarray) -> list[str]:
+    k = spec.num_classes
+    present = raw_hist > 0
+    hints = []
+    if spec.label_mapping is None and not spec.reduce_zero_label:
+        if present[k] and k != spec.ignore_index and not present[k + 1 : spec.ignore_index].any():
+            hints.append(
+                f"raw value {k} appears but 0..{k - 1} are the classes: the labels look 1-based "
+                "(0 = background/unlabelled). Set reduce_zero_label: true in the dataset spec."
+            )
+    elif spec.reduce_zero_label and not present[0] and not present[k] and present[1:k].any():
+        hints.append(
+            f"raw value 0 never appears and neither does {k} (class {k - 1}): the labels look already "
+            "reduced (0-based). Set reduce_zero_label: false in the dataset spec."
+        )
+    return hints
+
+
+def check(
+    uri: str, dataset: str | None = None, endpoint: str | None = None, limit: int | None = None
+) -> CheckReport:
+    """Check the shard set at ``uri``; the spec comes from ``dataset`` or else the manifest."""
+    manifest = read_manifest(uri, endpoint)
+    spec = get_spec(dataset) if dataset else spec_from_dict(manifest["spec"], f"{uri} manifest")
+    lut = spec.lut()
+    report = CheckReport(uri, spec, class_hist=np.zeros(spec.num_classes, np.int64))
+    for shard, row in iter_records(uri, endpoint, limit):
+        report.records += 1
+        where = f"shard {shard} record {row['key']!r}"
+        try:
+            image = decode_image(row["image"], where)
+            raw = decode_mask(row["mask"], where)
+        except DataError as exc:
+            report.errors.append(str(exc))
+            continue
+        if image.shape[:2] != raw.shape[:2]:
+            report.errors.append(
+                f"{where}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image size "
+                f"{image.shape[1]}x{image.shape[0]} (WxH)"
+            )
+        if (row["height"], row["width"]) != image.shape[:2]:
+            report.errors.append(
+                f"{where}: stored size {row['height']}x{row['width']} is not the image's "
+                f"{image.shape[0]}x{image.shape[1]} (HxW)"
+            )
+        hist = np.bincount(raw.ravel(), minlength=256)
+        report.raw_hist += hist
+        mapped = lut[np.arange(256)]
+        bad = (mapped < 0) & (hist > 0)
+        if bad.any():
+            values = ", ".join(str(v) for v in np.flatnonzero(bad)[:10])
+            report.errors.append(
+                f"{where}: label values outside 0..{spec.num_classes - 1} and not ignore "
+                f"{spec.ignore_index}: {values}"
+            )
+        valid = mapped >= 0
+        report.class_hist += np.bincount(
+            mapped[valid & (mapped != spec.ignore_index)],
+            weights=hist[valid & (mapped != spec.ignore_index)],
+            minlength=spec.num_classes,
+        ).astype(np.int64)[: spec.num_classes]
+        report.ignored_pixels += int(hist[valid & (mapped == spec.ignore_index)].sum())
+    if report.records == 0:
+        report.errors.append(f"{uri}: the shard set holds no records")
+    report.hints = _off_by_one_hints(spec, report.raw_hist)
+    return report

@@ -1,0 +1,395 @@
+"""The streaming Ray Data pipeline: shards -> decoded, augmented, fixed-size crops -> train workers.
+
+Built on the driver by :func:`build_datasets` and handed to ``TorchTrainer(datasets=...)``;
+each worker iterates its shard with :func:`iter_batches`. Decoding and augmentation run in Ray
+Data CPU tasks (``map_batches``), never in the training process, and nothing is materialised:
+Ray Data streams blocks with backpressure, so memory stays bounded however large the dataset.
+
+How a crop learns its epoch (the "identical random crops every epoch" pitfall): Ray Train
+re-executes the dataset each epoch, but a ``map_batches`` function cannot see which epoch that
+is. A tiny :class:`PipelineState` actor, whose handle travels in the dataset's
+``DataContext``, holds the epoch each split consumer announced in :func:`iter_batches`; the
+augmentation seeds every record with ``(run seed, epoch, record key)``. The epoch it reads is the
+minimum over the splits, so an early finisher announcing ``epoch + 1`` cannot change crops that
+slower splits are still receiving; the streaming-split barrier guarantees every split has
+announced before the next epoch's execution starts. Shuffling varies per epoch too: the shard
+file order is reshuffled per execution and each worker's local shuffle buffer is seeded with
+``(seed, epoch, split)``.
+
+Equal work per worker: Ray Train splits with ``streaming_split(n, equal=True)`` and train
+batches drop the remainder, so every worker gets the same number of batches. Validation must
+see every image exactly once across workers, but equal splitting drops up to ``n - 1`` rows; the
+val dataset is therefore padded to a multiple of the worker count with copies of its first image
+whose masks are entirely ignore (they add nothing to a confusion matrix).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Iterator
+from functools import reduce
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hrt_ray import storage
+from hrt_ray.data.codec import DataError, check_sizes, decode_image, decode_mask, map_mask
+from hrt_ray.data.shards import read_manifest, shard_uris
+from hrt_ray.data.specs import DatasetSpec, get_spec, spec_from_dict
+from hrt_ray.data.transforms import AugmentParams, TrainAugment, normalize
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "hrt_ray.data.pipeline_state"
+BUFFER_KEY = "hrt_ray.data.shuffle_buffer"
+PAD_PREFIX = "__pad__/"
+#: Records decoded/augmented per map task call: small blocks keep memory bounded for big crops.
+UDF_BATCH = 4
+
+
+def _state_actor_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PipelineState:
+        """Epoch announcements of the split consumers, the run seed, and the bad-record tally."""
+
+        def __init__(self, seed: int, max_bad_records: int):
+            self.seed = seed
+            self.max_bad = max_bad_records
+            self.world_size = 1
+            self.epochs: dict[int, int] = {}
+            self.bad: dict[str, str] = {}
+
+        def announce(self, split: int, world_size: int, epoch: int) -> None:
+            if world_size != self.world_size:  # a new worker group (elastic resize, restart)
+                self.world_size, self.epochs = world_size, {}
+            self.epochs[split] = epoch
+
+        def current(self) -> tuple[int, int]:
+            """(seed, epoch): the slowest announced split's epoch once all have announced."""
+            if not self.epochs:
+                return self.seed, 0
+            if len(self.epochs) < self.world_size:
+                return self.seed, max(self.epochs.values())
+            return self.seed, min(self.epochs.values())
+
+        def report_bad(self, where: str, reason: str) -> int:
+            if where not in self.bad:
+                self.bad[where] = reason
+                log.warning("skipped bad record %d/%d: %s", len(self.bad), self.max_bad, reason)
+            return len(self.bad)
+
+        def bad_records(self) -> dict[str, str]:
+            return dict(self.bad)
+
+    return PipelineState
+
+
+def record_seed(seed: int, epoch: int, key: str) -> int:
+    """The augmentation seed of one record in one epoch (independent of batching and workers)."""
+    return int(np.random.SeedSequence([seed, epoch, zlib.crc32(key.encode())]).generate_state(1)[0])
+
+
+def _decode_pair(
+    row_image: bytes, row_mask: bytes, where: str, lut: np.ndarray, spec_info: dict, channel_order: str
+) -> tuple[np.ndarray, np.ndarray]:
+    image = decode_image(row_image, where, channel_order)
+    raw = decode_mask(row_mask, where)
+    check_sizes(image, raw, where)
+    mask = map_mask(raw, lut, spec_info["num_classes"], spec_info["ignore_index"], where)
+    return image, mask
+
+
+def _skip_or_raise(exc: DataError, where: str, state: Any, max_bad: int) -> None:
+    """Fail on a bad record, or count it against ``max_bad_records`` and log the skip."""
+    import ray
+
+    if max_bad <= 0 or state is None:
+        raise exc
+    count = ray.get(state.report_bad.remote(where, str(exc)))
+    if count > max_bad:
+        raise DataError(
+            f"{exc} (this makes {count} bad records, more than data.max_bad_records={max_bad})"
+        )
+    log.warning("skipping bad record %d/%d: %s", count, max_bad, exc)
+
+
+def _where(path: str, key: str) -> str:
+    return f"shard {path} record {key!r}"
+
+
+def _train_udf(
+    batch: dict[str, np.ndarray],
+    *,
+    state: Any,
+    params: AugmentParams,
+    lut: np.ndarray,
+    spec_info: dict,
+    channel_order: str,
+    max_bad: int,
+) -> pa.Table:
+    import ray
+
+    seed, epoch = ray.get(state.current.remote())
+    augment = TrainAugment(params)
+    keys, images, masks = [], [], []
+    for key, img_bytes, mask_bytes, path in zip(
+        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
+    ):
+        where = _where(path, key)
+        try:
+            image, mask = _decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
+        except DataError as exc:
+            _skip_or_raise(exc, where, state, max_bad)
+            continue
+        img, msk = augment(image, mask, record_seed(seed, epoch, key))
+        keys.append(key)
+        images.append(img.tobytes())
+        masks.append(msk.tobytes())
+    h, w = params.crop_size
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "image": pa.array(images, pa.binary()),
+            "mask": pa.array(masks, pa.binary()),
+            "height": pa.array([h] * len(keys), pa.int32()),
+            "width": pa.array([w] * len(keys), pa.int32()),
+        }
+    )
+
+
+def _val_udf(
+    batch: dict[str, np.ndarray],
+    *,
+    state: Any,
+    lut: np.ndarray,
+    spec_info: dict,
+    channel_order: str,
+    max_bad: int,
+) -> pa.Table:
+    keys, images, masks, hs, ws = [], [], [], [], []
+    for key, img_bytes, mask_bytes, path in zip(
+        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
+    ):
+        where = _where(path, key)
+        try:
+            image, mask = _decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
+        except DataError as exc:
+            _skip_or_raise(exc, where, state, max_bad)
+            continue
+        if key.startswith(PAD_PREFIX):
+            mask = np.full_like(mask, spec_info["ignore_index"])
+        keys.append(key)
+        images.append(normalize(image).tobytes())
+        masks.append(np.ascontiguousarray(mask).tobytes())
+        hs.append(image.shape[0])
+        ws.append(image.shape[1])
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "image": pa.array(images, pa.binary()),
+            "mask": pa.array(masks, pa.binary()),
+            "height": pa.array(hs, pa.int32()),
+            "width": pa.array(ws, pa.int32()),
+        }
+    )
+
+
+def _filesystem(uri: str, endpoint: str | None):
+    return storage.resolve(uri, endpoint).filesystem
+
+
+def _paths(uri: str, manifest: dict, endpoint: str | None) -> list[str]:
+    return [storage.resolve(u, endpoint).path for u in shard_uris(uri, manifest)]
+
+
+def resolve_spec(cfg) -> DatasetSpec:
+    """The run's dataset spec; ``synthetic`` takes its class count from the generated manifest."""
+    if cfg.data.dataset == "synthetic":
+        try:
+            return spec_from_dict(
+                read_manifest(cfg.data.train_uri, cfg.storage.endpoint)["spec"], cfg.data.train_uri
+            )
+        except DataError:
+            return get_spec("synthetic", cfg.data.synth.classes)
+    return get_spec(cfg.data.dataset)
+
+
+def _pad_rows(uri: str, manifest: dict, endpoint: str | None, count: int) -> list[dict]:
+    """``count`` copies of the first record of a shard set, keyed as padding."""
+    loc = storage.resolve(shard_uris(uri, manifest)[0], endpoint)
+    with loc.filesystem.open_input_file(loc.path) as f:
+        first = pq.ParquetFile(f).read_row_group(0).slice(0, 1).to_pylist()[0]
+    return [
+        {
+            **first,
+            "key": f"{PAD_PREFIX}{i}",
+            "path": "<padding>",
+            "height": int(first["height"]),
+            "width": int(first["width"]),
+        }
+        for i in range(count)
+    ]
+
+
+def val_pad_multiple(cfg) -> int:
+    """Pad val to a multiple of every worker count the run may have (elastic: min..max)."""
+    hi = max(1, cfg.scaling.num_workers)
+    lo = cfg.scaling.min_workers or hi
+    multiple = reduce(math.lcm, range(lo, hi + 1), 1)
+    return multiple if multiple <= 4 * hi * hi else hi
+
+
+def build_datasets(cfg) -> dict:
+    """``{"train": augmented fixed-size crops, "val": whole images}`` as lazy streaming datasets.
+
+    Raises :class:`DataError` naming the URI when a shard set is missing, empty or unreadable.
+    """
+    import ray
+    from ray.data import FileShuffleConfig
+
+    d = cfg.data
+    endpoint = cfg.storage.endpoint
+    spec = resolve_spec(cfg)
+    crop = tuple(d.crop_size) if d.crop_size else spec.crop_size
+    spec_info = {"num_classes": spec.num_classes, "ignore_index": spec.ignore_index}
+    lut = spec.lut()
+    channel_order = getattr(d, "channel_order", "RGB")
+    state = _state_actor_cls().remote(int(cfg.seed), int(d.max_bad_records))
+    cpus = cfg.scaling.cpus_per_data_worker
+
+    train_manifest = read_manifest(d.train_uri, endpoint)
+    val_manifest = read_manifest(d.val_uri, endpoint)
+    for uri, manifest in ((d.train_uri, train_manifest), (d.val_uri, val_manifest)):
+        if manifest["num_records"] < 1:
+            raise DataError(f"{uri}: the shard set holds no records")
+
+    params = AugmentParams(
+        crop_size=(int(crop[0]), int(crop[1])),
+        scale_range=(float(d.scale_range[0]), float(d.scale_range[1])),
+        aspect_range=(float(d.aspect_range[0]), float(d.aspect_range[1])),
+        hflip=bool(d.hflip),
+        brightness_shift=float(d.brightness_shift),
+        base_short_side=spec.base_short_side,
+        ignore_index=spec.ignore_index,
+    )
+    train = ray.data.read_parquet(
+        _paths(d.train_uri, train_manifest, endpoint),
+        filesystem=_filesystem(d.train_uri, endpoint),
+        include_paths=True,
+        shuffle=FileShuffleConfig(seed=int(cfg.seed), reseed_after_execution=True),
+    ).map_batches(
+        _train_udf,
+        fn_kwargs={
+            "state": state,
+            "params": params,
+            "lut": lut,
+            "spec_info": spec_info,
+            "channel_order": channel_order,
+            "max_bad": int(d.max_bad_records),
+        },
+        batch_size=UDF_BATCH,
+        batch_format="numpy",
+        num_cpus=cpus,
+    )
+
+    val_kwargs = {
+        "state": state,
+        "lut": lut,
+        "spec_info": spec_info,
+        "channel_order": channel_order,
+        "max_bad": int(d.max_bad_records),
+    }
+    val = ray.data.read_parquet(
+        _paths(d.val_uri, val_manifest, endpoint),
+        filesystem=_filesystem(d.val_uri, endpoint),
+        include_paths=True,
+    ).map_batches(
+        _val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
+    )
+    multiple = val_pad_multiple(cfg)
+    pad = -val_manifest["num_records"] % multiple
+    if pad:
+        rows = _pad_rows(d.val_uri, val_manifest, endpoint, pad)
+        pad_ds = ray.data.from_items(rows).map_batches(
+            _val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
+        )
+        val = val.union(pad_ds)
+    for ds in (train, val):
+        ds.context.set_config(STATE_KEY, state)
+        ds.context.set_config(BUFFER_KEY, int(getattr(d, "shuffle_buffer", 0)))
+    return {"train": train, "val": val}
+
+
+def _collate(batch: dict[str, np.ndarray], ignore_index: int = 255) -> dict:
+    """Binary rows -> ``{"image": float32 (N,3,H,W), "mask": int64 (N,H,W)}``; pads mixed sizes."""
+    import torch
+
+    hs, ws = batch["height"].astype(int), batch["width"].astype(int)
+    n, hmax, wmax = len(hs), int(hs.max()) if len(hs) else 0, int(ws.max()) if len(ws) else 0
+    images = np.zeros((n, 3, hmax, wmax), np.float32)
+    masks = np.full((n, hmax, wmax), ignore_index, np.int64)
+    for i, (img, msk, h, w) in enumerate(zip(batch["image"], batch["mask"], hs, ws, strict=True)):
+        images[i, :, :h, :w] = np.frombuffer(img, np.float32).reshape(3, h, w)
+        masks[i, :h, :w] = np.frombuffer(msk, np.uint8).reshape(h, w)
+    return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
+
+
+def _iterator(shard: Any):
+    from ray.data import Dataset
+
+    return shard.iterator() if isinstance(shard, Dataset) else shard
+
+
+def iter_batches(
+    shard: Any,
+    batch_size: int,
+    *,
+    epoch: int,
+    train: bool,
+    prefetch_batches: int = 2,
+    shuffle_buffer: int | None = None,
+) -> Iterator[dict]:
+    """Batches of one epoch of a worker's shard (``get_dataset_shard(...)``, or a Dataset).
+
+    Train: ``batch_size`` crops per batch, remainder dropped, crops and order that change with
+    ``epoch`` and repeat for the same seed and epoch. Val: whole images, padded with the ignore
+    label (image 0 after normalisation) when sizes in a batch differ; every image exactly once.
+    """
+    import ray
+
+    it = _iterator(shard)
+    ctx = it.get_context()
+    state = ctx.get_config(STATE_KEY, None)
+    if shuffle_buffer is None:
+        shuffle_buffer = int(ctx.get_config(BUFFER_KEY, 0)) or 4 * batch_size
+    split = int(getattr(it, "_output_split_idx", 0))
+    world = int(it.world_size()) if hasattr(it, "world_size") else 1
+    shuffle_seed = None
+    if train and state is not None:
+        ray.get(state.announce.remote(split, world, int(epoch)))
+        seed, _ = ray.get(state.current.remote())
+        shuffle_seed = int(np.random.SeedSequence([seed, int(epoch), split]).generate_state(1)[0])
+    buffer = shuffle_buffer if train else None
+    yield from it.iter_torch_batches(
+        batch_size=batch_size,
+        prefetch_batches=prefetch_batches,
+        collate_fn=_collate,
+        drop_last=train,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=shuffle_seed if buffer else None,
+    )
+
+
+def bad_records(datasets: dict) -> dict[str, str]:
+    """Records skipped under ``data.max_bad_records`` so far: ``{"shard ... record ...": reason}``."""
+    import ray
+
+    ds = next(iter(datasets.values()))
+    state = ds.context.get_config(STATE_KEY, None)
+    return ray.get(state.bad_records.remote()) if state is not None else {}
