@@ -1,0 +1,370 @@
+"""The cluster definitions under ``clusters/``, checked with Ray's own code.
+
+- Launcher YAMLs go through ``prepare_config`` + ``validate_config`` (the JSON schema and
+  checks ``ray up`` applies), then through the v2 autoscaler's own scheduler, to show which node
+  types a training job's demand actually launches: spot first, on-demand when spot is marked
+  unavailable or capped, CPU nodes for CPU-only work.
+- KubeRay manifests are checked against the fields KubeRay documents, then converted with the
+  translation Ray's autoscaler runs inside a KubeRay head (``_derive_autoscaling_config_from_ray_cr``)
+  and validated and scheduled the same way.
+- The RayJob entrypoint's job config and overrides are loaded with ``hrt_ray.config`` so a
+  renamed job file or key fails here, not on a rented GPU node.
+No cloud is contacted; nothing here needs credentials.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTERS = REPO / "clusters"
+LAUNCHER_YAMLS = ["aws.yaml", "gcp.yaml"]
+KUBERAY_DIR = CLUSTERS / "kuberay"
+RAY_IMAGE_GPU = "rayproject/ray:2.60.0-py311-gpu"
+RAY_IMAGE_CPU = "rayproject/ray:2.60.0-py311"
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def prepared(name: str) -> dict[str, Any]:
+    from ray.autoscaler._private.util import prepare_config
+
+    return prepare_config(load_yaml(CLUSTERS / name))
+
+
+def worker_types(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
+def is_spot(provider: str, node_config: dict[str, Any]) -> bool:
+    if provider == "aws":
+        return node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    scheduling = node_config.get("scheduling", {})
+    return scheduling.get("provisioningModel") == "SPOT" or scheduling.get("preemptible") is True
+
+
+def schedule(cfg: dict[str, Any], bundle: dict[str, float], count: int, unavailable: tuple[str, ...] = ()):
+    """Node types (and counts) Ray's v2 autoscaler launches for ``count`` x ``bundle``.
+
+    ``unavailable`` types get recoverable availability 0.0, as the autoscaler's
+    CloudResourceMonitor scores a type right after an allocation of it timed out.
+    """
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.autoscaler.v2.utils import ResourceRequestUtil
+    from ray.core.generated.autoscaler_pb2 import ResourceRequestByCount
+
+    # skip_content_hash: the file mounts (local token dir) need not exist on this machine.
+    auto = AutoscalingConfig(copy.deepcopy(cfg), skip_content_hash=True)
+    request = SchedulingRequest(
+        disable_launch_config_check=True,
+        node_type_configs=auto.get_node_type_configs(),
+        max_num_nodes=auto.get_max_num_nodes(),
+        resource_requests=[
+            ResourceRequestByCount(request=ResourceRequestUtil.make(bundle), count=count)
+        ],
+        recoverable_resource_availabilities={t: 0.0 for t in unavailable},
+    )
+    reply = ResourceDemandScheduler().schedule(request)
+    assert not reply.infeasible_resource_requests, reply.infeasible_resource_requests
+    return dict(sorted((launch.instance_type, launch.count) for launch in reply.to_launch))
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster-launcher YAMLs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_launcher_yaml_passes_rays_validation(name: str) -> None:
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(prepared(name))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_rays_validation_rejects_broken_copies(name: str) -> None:
+    """The validator is not a rubber stamp: typos and wrong types in our files would fail."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load_yaml(CLUSTERS / name)
+    typo = copy.deepcopy(raw)
+    typo["idle_timeout_minute"] = typo.pop("idle_timeout_minutes")
+    fractional = copy.deepcopy(raw)
+    fractional["available_node_types"]["gpu8_spot"]["resources"]["GPU"] = 0.5
+    wrong_head = copy.deepcopy(raw)
+    wrong_head["head_node_type"] = "no_such_type"
+    for broken in (typo, fractional):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_config(prepare_config(broken))
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(wrong_head))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_launcher_scales_from_zero_with_a_cpu_only_head(name: str) -> None:
+    cfg = prepared(name)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "no training or data tasks on the head"
+    workers = worker_types(cfg)
+    assert all(t["min_workers"] == 0 for t in workers.values()), "must scale down to zero"
+    assert all(t["max_workers"] > 0 for t in workers.values())
+    assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
+    assert 0 < cfg["idle_timeout_minutes"] <= 30
+    gpus = sorted({t["resources"].get("GPU", 0) for t in workers.values()})
+    assert gpus == [0, 1, 8], "CPU-only, single-GPU and 8-GPU worker types"
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_every_gpu_size_has_spot_and_an_identical_on_demand_fallback(name: str) -> None:
+    cfg = prepared(name)
+    provider = cfg["provider"]["type"]
+    gpu_types = {k: v for k, v in worker_types(cfg).items() if v["resources"].get("GPU")}
+    for gpus in (1, 8):
+        sized = {k: v for k, v in gpu_types.items() if v["resources"]["GPU"] == gpus}
+        spot = [v for v in sized.values() if is_spot(provider, v["node_config"])]
+        ondemand = [v for v in sized.values() if not is_spot(provider, v["node_config"])]
+        assert len(spot) == 1 and len(ondemand) == 1, (gpus, sorted(sized))
+        # Equal resources make the scheduler's fit score tie, so priority decides.
+        assert spot[0]["resources"] == ondemand[0]["resources"]
+        assert spot[0]["priority"] > ondemand[0].get("priority", 0)
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_rays_scheduler_launches_spot_first_then_falls_back(name: str) -> None:
+    cfg = prepared(name)
+    eight_workers = ({"GPU": 1, "CPU": 8}, 8)  # the published runs: 8 workers x 1 GPU
+    assert schedule(cfg, *eight_workers) == {"gpu8_spot": 1}
+    assert schedule(cfg, *eight_workers, unavailable=("gpu8_spot",)) == {"gpu8_ondemand": 1}
+    # Beyond the spot cap (2 nodes) the rest comes on demand.
+    assert schedule(cfg, {"GPU": 1, "CPU": 8}, 24) == {"gpu8_ondemand": 1, "gpu8_spot": 2}
+    assert schedule(cfg, {"GPU": 1, "CPU": 4}, 1) == {"gpu1_spot": 1}
+    # CPU-only work (Ray Data) lands on CPU nodes, never on a GPU node.
+    assert schedule(cfg, {"CPU": 1}, 20) == {"cpu": 2}
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_launcher_installs_the_pinned_project_and_syncs_it(name: str) -> None:
+    cfg = prepared(name)
+    requirements = (REPO / "requirements.txt").read_text()
+    assert "ray[default,train,tune,data]==2.60.0" in requirements
+    assert cfg["docker"]["image"] == RAY_IMAGE_GPU
+    assert cfg["docker"]["head_image"] == RAY_IMAGE_CPU
+    assert cfg["available_node_types"]["cpu"]["docker"]["worker_image"] == RAY_IMAGE_CPU
+    assert "pip install --quiet -r ~/hrt-ray/requirements.txt" in cfg["setup_commands"]
+    assert "pip install --quiet --no-deps -e ~/hrt-ray" in cfg["setup_commands"]
+    assert cfg["file_mounts"]["~/hrt-ray"] == "."
+    for heavy in (".git", ".venv", "runs", "data"):
+        assert heavy in cfg["rsync_exclude"]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_dashboard_is_loopback_only_and_token_auth_is_on(name: str) -> None:
+    cfg = prepared(name)
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    worker_start = " ".join(cfg["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start
+    token_dir = "~/.hrt-ray-auth"
+    assert cfg["file_mounts"][token_dir] == token_dir
+    for start in (head_start, worker_start):
+        assert "RAY_AUTH_MODE=token" in start
+        assert "RAY_AUTH_TOKEN_PATH=$HOME/.hrt-ray-auth/auth_token" in start
+    # No extra ingress: Ray's own rules (SSH + intra-cluster) are all there is.
+    assert "IpPermissions" not in cfg["provider"].get("security_group", {})
+
+
+def test_aws_nodes_use_least_privilege_roles_imdsv2_and_encrypted_disks() -> None:
+    cfg = prepared("aws.yaml")
+    for name, node_type in cfg["available_node_types"].items():
+        node = node_type["node_config"]
+        role = "hrt-ray-head" if name == cfg["head_node_type"] else "hrt-ray-worker"
+        assert node["IamInstanceProfile"] == {"Name": role}, name
+        assert node["MetadataOptions"]["HttpTokens"] == "required", name
+        assert all(d["Ebs"]["Encrypted"] for d in node["BlockDeviceMappings"]), name
+    assert cfg["provider"]["security_group"]["GroupName"] == "hrt-ray"
+    assert cfg["provider"]["cache_stopped_nodes"] is False
+
+
+def test_aws_iam_policies_are_scoped() -> None:
+    head = json.loads((CLUSTERS / "aws" / "iam-head-policy.json").read_text())
+    worker = json.loads((CLUSTERS / "aws" / "iam-worker-policy.json").read_text())
+    json.loads((CLUSTERS / "aws" / "ec2-trust-policy.json").read_text())
+    for policy in (head, worker):
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert all(a != "*" and not a.endswith(":*") for a in actions), statement
+            if any(a.startswith("s3:") for a in actions):
+                assert "${HRT_RAY_BUCKET}" in statement["Resource"], statement
+    assert not any(a.startswith("ec2:") for s in worker["Statement"] for a in s["Action"])
+    terminate = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
+    assert terminate["Condition"]["StringEquals"] == {"ec2:ResourceTag/ray-cluster-name": "hrt-ray"}
+    cluster_name = prepared("aws.yaml")["cluster_name"]
+    assert cluster_name == "hrt-ray"
+
+
+def test_gcp_workers_only_get_storage_and_logging_scopes() -> None:
+    cfg = prepared("gcp.yaml")
+    for name, node_type in worker_types(cfg).items():
+        accounts = node_type["node_config"]["serviceAccounts"]
+        scopes = {s for a in accounts for s in a["scopes"]}
+        assert scopes == {
+            "https://www.googleapis.com/auth/devstorage.read_write",
+            "https://www.googleapis.com/auth/logging.write",
+        }, name
+        if node_type["resources"].get("GPU"):
+            assert node_type["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE", name
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay
+# --------------------------------------------------------------------------------------------
+
+
+def ray_cluster_specs() -> dict[str, dict[str, Any]]:
+    cluster = load_yaml(KUBERAY_DIR / "raycluster.yaml")
+    job = load_yaml(KUBERAY_DIR / "rayjob.yaml")
+    return {"raycluster.yaml": cluster["spec"], "rayjob.yaml": job["spec"]["rayClusterSpec"]}
+
+
+def containers(group: dict[str, Any]) -> list[dict[str, Any]]:
+    return group["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifest_structure(name: str) -> None:
+    doc = load_yaml(KUBERAY_DIR / name)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob"}[name]
+    assert doc["metadata"]["name"]
+    spec = ray_cluster_specs()[name]
+    assert spec["rayVersion"] == "2.60.0"
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert spec["authOptions"] == {"mode": "token"}
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP", "no LoadBalancer/NodePort: port-forward only"
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in containers(head)[0]["resources"]["limits"]
+    groups = spec["workerGroupSpecs"]
+    assert len({g["groupName"] for g in groups}) == len(groups)
+    gpu_counts = []
+    for group in groups:
+        assert group["minReplicas"] == 0 <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+        container = containers(group)[0]
+        limits = container["resources"]["limits"]
+        assert container["resources"]["requests"] == limits, "Guaranteed pods"
+        gpu_counts.append(int(limits.get("nvidia.com/gpu", 0)))
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["runAsNonRoot"] is True
+    assert 8 in gpu_counts and 0 in gpu_counts
+    images = {c["image"] for g in [head, *groups] for c in containers(g)}
+    assert images == {"hrt-ray:0.1.0"}
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_spec_through_rays_own_translation_and_scheduler(name: str) -> None:
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cr = {"metadata": {"name": "hrt-ray", "namespace": "default"}, "spec": ray_cluster_specs()[name]}
+    cfg = _derive_autoscaling_config_from_ray_cr(cr)
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+    types = cfg["available_node_types"]
+    assert types["headgroup"]["resources"]["CPU"] == 0
+    assert types["gpu8-spot"]["resources"] == types["gpu8-ondemand"]["resources"]
+    assert types["gpu8-spot"]["resources"]["GPU"] == 8
+    assert cfg["idle_timeout_minutes"] == 10
+    eight_workers = ({"GPU": 1, "CPU": 8}, 8)
+    assert schedule(cfg, *eight_workers) == {"gpu8-spot": 1}
+    assert schedule(cfg, *eight_workers, unavailable=("gpu8-spot",)) == {"gpu8-ondemand": 1}
+    assert schedule(cfg, {"CPU": 1}, 4) == {"cpu": 1}
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_spot_fallback_timeout_is_set_for_the_autoscaler(name: str) -> None:
+    env = {e["name"]: e["value"] for e in ray_cluster_specs()[name]["autoscalerOptions"]["env"]}
+    # Ray reads this name (ray/autoscaler/v2/instance_manager/config.py).
+    import inspect
+
+    from ray.autoscaler.v2.instance_manager import config as im_config
+
+    assert "RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S" in inspect.getsource(im_config)
+    assert 0 < int(env["RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S"]) <= 1800
+
+
+def test_rayjob_runs_a_real_job_config_and_tears_down() -> None:
+    from hrt_ray.config import load_config
+
+    job = load_yaml(KUBERAY_DIR / "rayjob.yaml")["spec"]
+    assert job["shutdownAfterJobFinishes"] is True
+    assert job["ttlSecondsAfterFinished"] >= 0
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:3] == ["hrt-ray", "train", "--config"]
+    config_path = REPO / argv[3]
+    assert config_path.is_file(), argv[3]
+    env = {"HRT_RAY_STORAGE": "s3://bucket/runs", "HRT_RAY_DATA": "s3://bucket/data"}
+    overrides = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], a) for a in argv[4:]]
+    cfg = load_config(config_path, overrides)
+    assert cfg.storage.path == "s3://bucket/runs"
+    assert cfg.data.train_uri == "s3://bucket/data/cityscapes/train"
+    assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8
+    assert cfg.scaling.check_resources is False, "an autoscaling cluster starts with no GPU node"
+    # The job fits the largest GPU group the RayJob's cluster can create.
+    groups = job["rayClusterSpec"]["workerGroupSpecs"]
+    gpu_capacity = max(
+        int(containers(g)[0]["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
+        for g in groups
+    )
+    assert cfg.scaling.num_workers * cfg.scaling.gpus_per_worker <= gpu_capacity
+
+
+def test_dockerfile_pins_the_same_ray_image() -> None:
+    dockerfile = (CLUSTERS / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^FROM {re.escape(RAY_IMAGE_GPU)}$", dockerfile, re.M)
+    ignored = (CLUSTERS / "docker" / "Dockerfile.dockerignore").read_text().split()
+    for path in (".git", ".venv", "data", "runs", ".hrt-ray-auth"):
+        assert path in ignored
+
+
+# --------------------------------------------------------------------------------------------
+# Everything under clusters/
+# --------------------------------------------------------------------------------------------
+
+SECRET_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),  # AWS access key id
+    # A literal secret value (40 base64 characters), not a reference such as "$AWS_...".
+    re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*[\"']?[A-Za-z0-9/+]{30,}"),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"(?i)\"private_key\"\s*:"),  # GCP service-account JSON
+    re.compile(r"(?i)(password|passwd)\s*[:=]\s*\S"),
+    re.compile(r"(?i)RAY_AUTH_TOKEN\s*[:=]\s*[0-9a-f]{16,}"),
+]
+
+
+def test_no_credentials_in_cluster_files() -> None:
+    files = [p for p in CLUSTERS.rglob("*") if p.is_file()]
+    assert len(files) >= 8
+    for path in files:
+        text = path.read_text()
+        for pattern in SECRET_PATTERNS:
+            assert not pattern.search(text), f"{path.relative_to(REPO)} matches {pattern.pattern}"
+
+
+def test_readme_references_existing_files() -> None:
+    readme = (CLUSTERS / "README.md").read_text()
+    referenced = set(re.findall(r"((?:clusters|jobs)/[\w./-]+\.(?:yaml|json|md))", readme))
+    assert {"clusters/aws.yaml", "clusters/gcp.yaml", "clusters/kuberay/rayjob.yaml"} <= referenced
+    missing = [p for p in referenced if not (REPO / p).is_file()]
+    assert not missing, missing
