@@ -11,6 +11,7 @@ import importlib
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "train": ("hrt_ray.bench.train", "Ray Train per-iteration overhead vs one plain process; images/s, data wait."),
     "model": ("hrt_ray.bench.model", "Model parameters, FLOPs, forward/backward time and peak memory."),
 }
 

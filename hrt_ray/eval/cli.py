@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.ray_local import ensure_ray
+    from hrt_ray.train.cli import input_errors
     from hrt_ray.train.trainer import ResourceError, TrainError
 
     ensure_ray()
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except ResourceError as exc:
         print(f"resource error: {exc}", file=sys.stderr)
         return 2
-    except (TrainError, FileNotFoundError) as exc:
+    except (TrainError, FileNotFoundError, *input_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(result.table())

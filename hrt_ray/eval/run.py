@@ -118,10 +118,10 @@ class EvalResult:
 
 
 def class_names(cfg: ExperimentConfig, num_classes: int) -> list[str]:
-    from hrt_ray.data import get_spec
+    from hrt_ray.data import resolve_spec
 
     try:
-        names = list(get_spec(cfg.data.dataset).class_names)
+        names = list(resolve_spec(cfg).class_names)
     except Exception:  # a spec without names still gets a table, by index
         names = []
     return names if len(names) == num_classes else [str(i) for i in range(num_classes)]

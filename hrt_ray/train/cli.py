@@ -30,6 +30,15 @@ def default_config_path(explicit: str | None) -> str | None:
     return str(DEFAULT_JOB) if DEFAULT_JOB.is_file() else None
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """Errors about bad input (data, storage, checkpoints): reported in one line, exit code 1."""
+    from hrt_ray.data import DataError, SpecError
+    from hrt_ray.models.checkpoint import CheckpointError
+    from hrt_ray.storage import StorageError
+
+    return (DataError, SpecError, CheckpointError, StorageError)
+
+
 def run(args: argparse.Namespace) -> int:
     from hrt_ray.config import ConfigError, load_config
 
@@ -50,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
     except ResourceError as exc:
         print(f"resource error: {exc}", file=sys.stderr)
         return 2
-    except TrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrainError, *input_errors()) as exc:
+        print(f"error: training run {cfg.name!r} failed: {exc}", file=sys.stderr)
         return 1
     if not args.no_eval and summary.checkpoint:
         try:
             result = evaluate_checkpoint(cfg, summary.checkpoint)
-        except (TrainError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except (TrainError, FileNotFoundError, *input_errors()) as exc:
+            print(f"error: evaluation failed: {exc}", file=sys.stderr)
             return 1
         print(result.table())
         summary.eval = {"mIoU": result.miou, "setting": result.setting, "json": result.json_uri}

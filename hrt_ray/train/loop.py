@@ -76,9 +76,9 @@ def resolve_num_classes(cfg: ExperimentConfig) -> int:
     """``model.num_classes`` if set, else the dataset spec's."""
     if cfg.model.num_classes is not None:
         return cfg.model.num_classes
-    from hrt_ray.data import get_spec
+    from hrt_ray.data import resolve_spec
 
-    return int(get_spec(cfg.data.dataset).num_classes)
+    return int(resolve_spec(cfg).num_classes)
 
 
 def loss_kwargs(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:

@@ -57,6 +57,24 @@ def ray_storage_path(cfg: ExperimentConfig) -> str:
     return root
 
 
+def worker_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``to_dict(cfg)`` with local paths made absolute: workers do not share the driver's cwd."""
+    from hrt_ray import storage
+
+    data = to_dict(cfg)
+    for section, key in (
+        ("data", "train_uri"),
+        ("data", "val_uri"),
+        ("model", "pretrained"),
+        ("model", "init_checkpoint"),
+    ):
+        value = data[section][key]
+        if value and not storage.is_remote(value):
+            data[section][key] = str(Path(value).expanduser().resolve())
+    data["storage"]["path"] = storage_root(cfg)
+    return data
+
+
 def checkpoint_uri(cfg: ExperimentConfig, checkpoint: Any) -> str:
     """A URI for a Ray ``Checkpoint`` (its ``path`` has no scheme on object storage)."""
     root = storage_root(cfg)
@@ -162,7 +180,7 @@ def build_trainer(
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={
-            "cfg": to_dict(cfg),
+            "cfg": worker_config(cfg),
             "run_uri": run_uri(cfg),
             "fault": fault or {},
             **(extra_config or {}),
