@@ -120,7 +120,7 @@ def _skip_or_raise(exc: DataError, where: str, state: Any, max_bad: int) -> None
 
 
 def _where(path: str, key: str) -> str:
-    return f"shard {path} record {key!r}"
+    return f"shard {path} record {str(key)!r}"
 
 
 def _train_udf(
@@ -148,7 +148,7 @@ def _train_udf(
             _skip_or_raise(exc, where, state, max_bad)
             continue
         img, msk = augment(image, mask, record_seed(seed, epoch, key))
-        keys.append(key)
+        keys.append(str(key))
         images.append(img.tobytes())
         masks.append(msk.tobytes())
     h, w = params.crop_size
@@ -184,7 +184,7 @@ def _val_udf(
             continue
         if key.startswith(PAD_PREFIX):
             mask = np.full_like(mask, spec_info["ignore_index"])
-        keys.append(key)
+        keys.append(str(key))
         images.append(normalize(image).tobytes())
         masks.append(np.ascontiguousarray(mask).tobytes())
         hs.append(image.shape[0])
@@ -340,6 +340,10 @@ def _collate(batch: dict[str, np.ndarray], ignore_index: int = 255) -> dict:
     return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
+def _collate_with_keys(batch: dict[str, np.ndarray]) -> dict:
+    return {**_collate(batch), "key": [str(k) for k in batch["key"]]}
+
+
 def _iterator(shard: Any):
     from ray.data import Dataset
 
@@ -354,12 +358,14 @@ def iter_batches(
     train: bool,
     prefetch_batches: int = 2,
     shuffle_buffer: int | None = None,
+    with_keys: bool = False,
 ) -> Iterator[dict]:
     """Batches of one epoch of a worker's shard (``get_dataset_shard(...)``, or a Dataset).
 
     Train: ``batch_size`` crops per batch, remainder dropped, crops and order that change with
     ``epoch`` and repeat for the same seed and epoch. Val: whole images, padded with the ignore
-    label (image 0 after normalisation) when sizes in a batch differ; every image exactly once.
+    label (image 0 after normalisation) when sizes in a batch differ; every image exactly once
+    (plus all-ignore padding copies keyed ``__pad__/i``). ``with_keys`` adds ``"key"`` (list of str).
     """
     import ray
 
@@ -379,7 +385,7 @@ def iter_batches(
     yield from it.iter_torch_batches(
         batch_size=batch_size,
         prefetch_batches=prefetch_batches,
-        collate_fn=_collate,
+        collate_fn=_collate_with_keys if with_keys else _collate,
         drop_last=train,
         local_shuffle_buffer_size=buffer or None,
         local_shuffle_seed=shuffle_seed if buffer else None,
