@@ -65,7 +65,7 @@ class ModelConfig:
 class SynthConfig:
     """The generated dataset of the embedded default (written when ``data.*_uri`` is missing)."""
 
-    num_train: int = 64
+    num_train: int = 256
     num_val: int = 16
     size: list[int] = field(default_factory=lambda: [128, 128])
     classes: int = 5
@@ -89,7 +89,7 @@ class DataConfig:
     train_uri: str = "data/synthetic/train"
     val_uri: str = "data/synthetic/val"
     #: Crop (H, W); ``None`` takes the dataset spec's crop size.
-    crop_size: list[int] | None = field(default_factory=lambda: [96, 96])
+    crop_size: list[int] | None = field(default_factory=lambda: [64, 64])
     #: Global batch size, split evenly over the training workers.
     batch_size: int = 8
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -420,6 +420,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
     """A ``cls`` built from its defaults with ``data`` merged in, key by key, type-checked."""
     return _merge_into(cls(), data, path)
+
+
+def build_checked(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Public :func:`_build` for other typed configs (the sweep config): same key/type errors."""
+    return _build(cls, data, path)
 
 
 def _merge_into(current: Any, data: Mapping[str, Any], path: str) -> Any:

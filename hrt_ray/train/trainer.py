@@ -145,8 +145,12 @@ def build_trainer(
     loop: Any = None,
     name: str | None = None,
     extra_config: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Any:
-    """The ``TorchTrainer`` for ``cfg`` (``loop`` defaults to the training loop)."""
+    """The ``TorchTrainer`` for ``cfg`` (``loop`` defaults to the training loop).
+
+    ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -165,6 +169,7 @@ def build_trainer(
     run_config = RunConfig(
         name=name or cfg.name,
         storage_path=ray_storage_path(cfg),
+        callbacks=callbacks,
         failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.checkpoint.keep,
