@@ -340,8 +340,18 @@ def _collate(batch: dict[str, np.ndarray], ignore_index: int = 255) -> dict:
     return {"image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
-def _collate_with_keys(batch: dict[str, np.ndarray]) -> dict:
-    return {**_collate(batch), "key": [str(k) for k in batch["key"]]}
+def _collate_fn(with_keys: bool):
+    """A ``NumpyBatchCollateFn`` (plain functions are deprecated as collate_fn in Ray 2.60)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+            out = _collate(batch)
+            if with_keys:
+                out["key"] = [str(k) for k in batch["key"]]
+            return out
+
+    return Collate()
 
 
 def _iterator(shard: Any):
@@ -385,7 +395,7 @@ def iter_batches(
     yield from it.iter_torch_batches(
         batch_size=batch_size,
         prefetch_batches=prefetch_batches,
-        collate_fn=_collate_with_keys if with_keys else _collate,
+        collate_fn=_collate_fn(with_keys),
         drop_last=train,
         local_shuffle_buffer_size=buffer or None,
         local_shuffle_seed=shuffle_seed if buffer else None,
