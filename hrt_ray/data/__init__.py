@@ -8,26 +8,42 @@ Public interface::
     iter_batches(shard, batch_size, *, epoch, train, prefetch_batches=2)
         -> {"image": float32 (N,3,H,W), "mask": int64 (N,H,W), 255 = ignore}
     write_shards(dst, num_inputs, make_record, *, spec, split, ...) -> manifest
+
+Names resolve lazily (PEP 562): ``hrt-ray data --help`` imports this package, and the
+augmentation stack (albumentations pulls in torch) must not load before a command runs.
 """
 
-from hrt_ray.data.codec import DataError
-from hrt_ray.data.pipeline import bad_records, build_datasets, iter_batches, resolve_spec
-from hrt_ray.data.shards import Record, read_manifest, write_shards
-from hrt_ray.data.specs import DatasetSpec, SpecError, get_spec
-from hrt_ray.data.synth import ensure_synthetic, synth
+from __future__ import annotations
 
-__all__ = [
-    "DataError",
-    "DatasetSpec",
-    "Record",
-    "SpecError",
-    "bad_records",
-    "build_datasets",
-    "ensure_synthetic",
-    "get_spec",
-    "iter_batches",
-    "read_manifest",
-    "resolve_spec",
-    "synth",
-    "write_shards",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataError": "hrt_ray.data.codec",
+    "bad_records": "hrt_ray.data.pipeline",
+    "build_datasets": "hrt_ray.data.pipeline",
+    "iter_batches": "hrt_ray.data.pipeline",
+    "resolve_spec": "hrt_ray.data.pipeline",
+    "Record": "hrt_ray.data.shards",
+    "read_manifest": "hrt_ray.data.shards",
+    "write_shards": "hrt_ray.data.shards",
+    "DatasetSpec": "hrt_ray.data.specs",
+    "SpecError": "hrt_ray.data.specs",
+    "get_spec": "hrt_ray.data.specs",
+    "ensure_synthetic": "hrt_ray.data.synth",
+    "synth": "hrt_ray.data.synth",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hrt_ray.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
