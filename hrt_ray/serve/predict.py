@@ -1,0 +1,402 @@
+"""``hrt-ray predict``: segment a folder or bucket of images with Ray Data, one label PNG per image.
+
+Design:
+
+* **Plan on the driver** (:func:`plan`): one listing of the source and one of the destination.
+  Images whose outputs already exist are dropped here, so a restarted job redoes only what is
+  missing, without a per-image existence request to the object store.
+* **Read raw bytes** (``read_binary_files(include_paths=True)``) and decode in our own CPU tasks
+  (:func:`decode_batch`): an unreadable image becomes a row with its key and the reason instead of
+  failing the whole dataset.
+* **Infer in an actor pool** (:class:`PredictActor`): the model is loaded once per actor (one GPU
+  each when the cluster has GPUs, else CPU threads) and runs exactly the evaluation's inference
+  (:class:`~hrt_ray.serve.model.Segmenter`). The actor writes its outputs itself through
+  ``hrt_ray.storage.write_bytes`` (atomic), so only a small status row flows back to the driver.
+* **Stream**: Ray Data's streaming executor bounds the blocks in flight; the driver consumes the
+  status rows as they come, prints progress and finally writes ``predict-report.json``.
+
+Output layout under ``--dst``: ``labels/<relative path>.png`` (train ids, or the dataset's
+original ids with ``--ids original``) and, with ``--overlay``, ``overlays/<relative path>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABELS_DIR = "labels"
+OVERLAYS_DIR = "overlays"
+REPORT_FILE = "predict-report.json"
+
+
+class PredictError(RuntimeError):
+    """The job cannot start (no images, name collisions, bad URIs); the message says which."""
+
+
+# --------------------------------------------------------------------------------------------
+# Planning (driver)
+# --------------------------------------------------------------------------------------------
+
+
+def output_name(rel: str) -> str:
+    """``city/a.jpg`` -> ``city/a.png``: the output key of an input's relative path."""
+    return posixpath.splitext(rel)[0] + ".png"
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    if path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return posixpath.basename(path)
+
+
+@dataclass
+class Plan:
+    """What a run will do: ``todo`` input paths (filesystem paths) and how many are already done."""
+
+    src_root: str
+    todo: list[str]
+    done: int
+    total: int
+
+
+def plan(src: str, dst: str, *, overlay: bool, endpoint: str | None = None) -> Plan:
+    """List ``src`` images, drop those whose outputs exist under ``dst`` (restart), check names."""
+    from hrt_ray import storage
+
+    src_loc = storage.resolve(src, endpoint)
+    dst_loc = storage.resolve(dst, endpoint)
+    if not storage.exists(src, endpoint):
+        raise PredictError(f"{src}: source not found")
+    dst_prefix = dst_loc.path.rstrip("/") + "/"
+    paths = [
+        p
+        for p in storage.list_files(src, endpoint=endpoint)
+        if p.lower().endswith(IMAGE_SUFFIXES) and not p.startswith(dst_prefix)
+    ]
+    if not paths:
+        raise PredictError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    owners: dict[str, str] = {}
+    for p in paths:
+        name = output_name(_relative(p, src_loc.path))
+        if name in owners:
+            raise PredictError(
+                f"{owners[name]} and {p} would both write {name}; rename one of them or split the source"
+            )
+        owners[name] = p
+    existing: set[str] = set()
+    if storage.exists(dst, endpoint):
+        existing = {_relative(p, dst_loc.path) for p in storage.list_files(dst, ".png", endpoint=endpoint)}
+    todo = [
+        p
+        for name, p in owners.items()
+        if f"{LABELS_DIR}/{name}" not in existing or (overlay and f"{OVERLAYS_DIR}/{name}" not in existing)
+    ]
+    return Plan(src_root=src_loc.path, todo=sorted(todo), done=len(paths) - len(todo), total=len(paths))
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data stages (workers)
+# --------------------------------------------------------------------------------------------
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, src_root: str) -> dict[str, np.ndarray]:
+    """Raw file bytes -> RGB pixels as bytes + size, or an ``error`` naming the key."""
+    from hrt_ray.data.codec import DataError, decode_image
+
+    keys, pixels, heights, widths, errors = [], [], [], [], []
+    for data, path in zip(batch["bytes"], batch["path"], strict=True):
+        key = _relative(str(path), src_root)
+        try:
+            image = decode_image(bytes(data), key, "RGB")
+        except DataError as exc:
+            image, error = np.zeros((0, 0, 3), np.uint8), str(exc)
+        else:
+            error = ""
+        keys.append(key)
+        pixels.append(np.ascontiguousarray(image).tobytes())
+        heights.append(image.shape[0])
+        widths.append(image.shape[1])
+        errors.append(error)
+    return {
+        "key": np.array(keys, dtype=object),
+        "pixels": np.array(pixels, dtype=object),
+        "height": np.array(heights, dtype=np.int32),
+        "width": np.array(widths, dtype=np.int32),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+class PredictActor:
+    """One model per actor; infers a batch of decoded images and writes their PNGs."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        checkpoint: str,
+        dst: str,
+        *,
+        ids: str,
+        overlay: bool,
+        device: str,
+        batch_size: int,
+        threads: int,
+    ) -> None:
+        import torch
+
+        from hrt_ray.config import from_dict
+        from hrt_ray.serve.model import Segmenter
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.cfg = from_dict(cfg, source="predict config")
+        self.segmenter = Segmenter.load(self.cfg, checkpoint, device=device, batch_size=batch_size)
+        self.dst = dst.rstrip("/")
+        self.ids = ids
+        self.overlay = overlay
+        self.endpoint = self.cfg.storage.endpoint
+
+    def _uri(self, folder: str, key: str) -> str:
+        return f"{self.dst}/{folder}/{output_name(key)}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from hrt_ray import storage
+        from hrt_ray.data.codec import encode_png
+        from hrt_ray.serve.labels import overlay, to_label_image
+
+        keys = [str(k) for k in batch["key"]]
+        errors = [str(e) for e in batch["error"]]
+        good = [i for i, e in enumerate(errors) if not e]
+        hs, ws = batch["height"], batch["width"]
+        px = batch["pixels"]
+        images = [np.frombuffer(px[i], np.uint8).reshape(int(hs[i]), int(ws[i]), 3) for i in good]
+        start = time.perf_counter()
+        preds = self.segmenter(images) if images else []
+        seconds = time.perf_counter() - start
+        spec = self.segmenter.spec
+        for i, image, pred in zip(good, images, preds, strict=True):
+            try:
+                label_png = encode_png(to_label_image(pred, spec, self.ids))
+                storage.write_bytes(self._uri(LABELS_DIR, keys[i]), label_png, self.endpoint)
+                if self.overlay:
+                    overlay_png = encode_png(overlay(image, pred, spec))
+                    storage.write_bytes(self._uri(OVERLAYS_DIR, keys[i]), overlay_png, self.endpoint)
+            except storage.StorageError as exc:
+                errors[i] = str(exc)
+        return {
+            "key": np.array(keys, dtype=object),
+            "error": np.array(errors, dtype=object),
+            "infer_s": np.full(len(keys), seconds / max(len(good), 1), dtype=np.float64),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictSummary:
+    src: str
+    dst: str
+    total: int
+    skipped_existing: int
+    written: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    workers: int = 0
+    device: str = "cpu"
+    setting: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.written + len(self.failed)) / self.seconds if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "total": self.total,
+            "skipped_existing": self.skipped_existing,
+            "written": self.written,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 3),
+            "workers": self.workers,
+            "device": self.device,
+            "setting": self.setting,
+        }
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def run_predict(
+    cfg: Any,
+    checkpoint: str,
+    src: str,
+    dst: str,
+    *,
+    ids: str = "train",
+    overlay: bool = False,
+    device: str = "auto",
+    workers: int | None = None,
+    batch_size: int = 4,
+    cpus_per_worker: float = 1.0,
+    progress_every_s: float = 5.0,
+    log: Any = sys.stderr,
+) -> PredictSummary:
+    """Segment every image under ``src`` not yet done into ``dst``; Ray must be initialised."""
+    import ray
+
+    from hrt_ray import storage
+    from hrt_ray.config import to_dict
+    from hrt_ray.eval.run import checkpoint_file
+    from hrt_ray.serve.model import InferenceOptions
+
+    endpoint = cfg.storage.endpoint
+    ckpt = checkpoint_file(checkpoint)
+    if not storage.exists(ckpt, endpoint):
+        raise PredictError(f"{ckpt}: checkpoint not found")
+    work = plan(src, dst, overlay=overlay, endpoint=endpoint)
+    gpus = cluster_gpus()
+    use_gpu = device in ("gpu", "cuda") or (device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise PredictError("--device gpu, but the Ray cluster has no GPUs")
+    n_workers = workers or (gpus if use_gpu else 1)
+    summary = PredictSummary(
+        src=src,
+        dst=dst,
+        total=work.total,
+        skipped_existing=work.done,
+        workers=n_workers,
+        device="gpu" if use_gpu else "cpu",
+        setting=InferenceOptions.from_config(cfg).describe(),
+    )
+    print(
+        f"predict: {work.total} images under {src}; {work.done} already written, {len(work.todo)} to do "
+        f"on {n_workers} {summary.device} worker(s) ({summary.setting})",
+        file=log,
+        flush=True,
+    )
+    start = time.perf_counter()
+    if work.todo:
+        fs = storage.resolve(src, endpoint).filesystem
+        ds = ray.data.read_binary_files(work.todo, filesystem=fs, include_paths=True)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"src_root": work.src_root}, batch_size=8, num_cpus=1)
+        ds = ds.map_batches(
+            PredictActor,
+            fn_constructor_args=(to_dict(cfg), ckpt, dst),
+            fn_constructor_kwargs={
+                "ids": ids,
+                "overlay": overlay,
+                "device": "cuda" if use_gpu else "cpu",
+                "batch_size": batch_size,
+                "threads": max(1, int(cpus_per_worker)),
+            },
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=n_workers),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=cpus_per_worker,
+        )
+        last = start
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for key, error in zip(batch["key"], batch["error"], strict=True):
+                if error:
+                    summary.failed[str(key)] = str(error)
+                    print(f"predict: skipped {error}", file=log, flush=True)
+                else:
+                    summary.written += 1
+            now = time.perf_counter()
+            if now - last >= progress_every_s:
+                last = now
+                done = summary.written + len(summary.failed)
+                print(
+                    f"predict: {done}/{len(work.todo)} images ({done / (now - start):.2f} images/s)",
+                    file=log,
+                    flush=True,
+                )
+    summary.seconds = time.perf_counter() - start
+    storage.write_bytes(
+        f"{dst.rstrip('/')}/{REPORT_FILE}", json.dumps(summary.as_json(), indent=2).encode(), endpoint
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="experiment YAML (model, dataset spec, eval.* test setting)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint dir or file (local, s3://, gs://)")
+    parser.add_argument("--src", required=True, help="folder or bucket prefix of JPEG/PNG images")
+    parser.add_argument("--dst", required=True, help="where labels/ (and overlays/) PNGs are written")
+    parser.add_argument(
+        "--ids",
+        choices=("train", "original"),
+        default="train",
+        help="label values: train ids, or the dataset's original ids (e.g. Cityscapes labelIds)",
+    )
+    parser.add_argument("--overlay", action="store_true", help="also write palette overlays")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--batch-size", type=int, default=4, help="same-size images per forward pass")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (eval.mode=slide ...)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from hrt_ray.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers is not None and args.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return 2
+
+    from hrt_ray.ray_local import ensure_ray
+    from hrt_ray.storage import StorageError
+
+    ensure_ray()
+    try:
+        summary = run_predict(
+            cfg,
+            args.checkpoint,
+            args.src,
+            args.dst,
+            ids=args.ids,
+            overlay=args.overlay,
+            device=args.device,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            cpus_per_worker=args.cpus_per_worker,
+        )
+    except (PredictError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"predict: wrote {summary.written} images, skipped {summary.skipped_existing} already done, "
+        f"{len(summary.failed)} unreadable, {summary.images_per_s:.2f} images/s; "
+        f"report {args.dst.rstrip('/')}/{REPORT_FILE}"
+    )
+    for reason in summary.failed.values():
+        print(f"  unreadable: {reason}")
+    return 0
