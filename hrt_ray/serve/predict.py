@@ -191,10 +191,12 @@ class PredictActor:
                     storage.write_bytes(self._uri(OVERLAYS_DIR, keys[i]), overlay_png, self.endpoint)
             except storage.StorageError as exc:
                 errors[i] = str(exc)
+        per_image = np.zeros(len(keys), dtype=np.float64)
+        per_image[good] = seconds / max(len(good), 1)
         return {
             "key": np.array(keys, dtype=object),
             "error": np.array(errors, dtype=object),
-            "infer_s": np.full(len(keys), seconds / max(len(good), 1), dtype=np.float64),
+            "infer_s": per_image,
         }
 
 
@@ -212,6 +214,8 @@ class PredictSummary:
     written: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Summed model time (normalise + inference) over all images, across workers.
+    infer_seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
     setting: str = ""
@@ -230,6 +234,7 @@ class PredictSummary:
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 3),
+            "infer_seconds": round(self.infer_seconds, 3),
             "workers": self.workers,
             "device": self.device,
             "setting": self.setting,
@@ -312,6 +317,7 @@ def run_predict(
         )
         last = start
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            summary.infer_seconds += float(np.sum(batch["infer_s"]))
             for key, error in zip(batch["key"], batch["error"], strict=True):
                 if error:
                     summary.failed[str(key)] = str(error)
