@@ -311,3 +311,33 @@ def test_udfs_name_shard_and_key_for_each_bad_record_kind() -> None:
                   "channel_order": "RGB", "max_bad": 0}
         with pytest.raises(DataError, match=f"shard bkt/set/part-00004.parquet record '{key}': {message}"):
             _val_udf(batch, **kwargs)
+
+
+# ------------------------------------------------------------------------ epoch rule, val padding
+
+
+def test_epoch_seen_by_augmentation_is_the_slowest_splits_after_all_announced() -> None:
+    from hrt_ray.data.pipeline import PipelineState, record_seed
+
+    state = PipelineState(seed=9, max_bad_records=2)
+    assert state.current() == (9, 0)
+    state.announce(0, 2, 0)
+    state.announce(1, 2, 0)
+    state.announce(0, 2, 1)  # rank 0 finished epoch 0 early; rank 1 still receives epoch-0 crops
+    assert state.current() == (9, 0)
+    state.announce(1, 2, 1)
+    assert state.current() == (9, 1)
+    state.announce(0, 3, 5)  # elastic restart with 3 workers, resumed at epoch 5
+    assert state.current() == (9, 5)
+    assert state.report_bad("shard a record 'x'", "bad") == 1
+    assert state.report_bad("shard a record 'x'", "bad") == 1  # the same record again next epoch
+    assert record_seed(9, 0, "k") == record_seed(9, 0, "k") != record_seed(9, 1, "k")
+
+
+def test_val_is_padded_to_a_multiple_of_every_possible_worker_count() -> None:
+    from hrt_ray.config import load_config
+    from hrt_ray.data.pipeline import val_pad_multiple
+
+    assert val_pad_multiple(load_config(None, ["scaling.num_workers=4", "data.batch_size=8"])) == 4
+    elastic = load_config(None, ["scaling.num_workers=4", "scaling.min_workers=2", "data.batch_size=8"])
+    assert val_pad_multiple(elastic) == 12  # 2, 3 or 4 workers all split 12k rows evenly

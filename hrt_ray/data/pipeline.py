@@ -51,43 +51,46 @@ PAD_PREFIX = "__pad__/"
 UDF_BATCH = 4
 
 
-def _state_actor_cls():
+class PipelineState:
+    """Epoch announcements of the split consumers, the run seed, and the bad-record tally.
+
+    Runs as a zero-CPU Ray actor (:func:`_state_actor`); a plain class so its rules are testable.
+    """
+
+    def __init__(self, seed: int, max_bad_records: int):
+        self.seed = seed
+        self.max_bad = max_bad_records
+        self.world_size = 1
+        self.epochs: dict[int, int] = {}
+        self.bad: dict[str, str] = {}
+
+    def announce(self, split: int, world_size: int, epoch: int) -> None:
+        if world_size != self.world_size:  # a new worker group (elastic resize, restart)
+            self.world_size, self.epochs = world_size, {}
+        self.epochs[split] = epoch
+
+    def current(self) -> tuple[int, int]:
+        """(seed, epoch): the slowest split's epoch once all splits have announced."""
+        if not self.epochs:
+            return self.seed, 0
+        if len(self.epochs) < self.world_size:
+            return self.seed, max(self.epochs.values())
+        return self.seed, min(self.epochs.values())
+
+    def report_bad(self, where: str, reason: str) -> int:
+        if where not in self.bad:
+            self.bad[where] = reason
+            log.warning("skipped bad record %d/%d: %s", len(self.bad), self.max_bad, reason)
+        return len(self.bad)
+
+    def bad_records(self) -> dict[str, str]:
+        return dict(self.bad)
+
+
+def _state_actor(seed: int, max_bad_records: int):
     import ray
 
-    @ray.remote(num_cpus=0)
-    class PipelineState:
-        """Epoch announcements of the split consumers, the run seed, and the bad-record tally."""
-
-        def __init__(self, seed: int, max_bad_records: int):
-            self.seed = seed
-            self.max_bad = max_bad_records
-            self.world_size = 1
-            self.epochs: dict[int, int] = {}
-            self.bad: dict[str, str] = {}
-
-        def announce(self, split: int, world_size: int, epoch: int) -> None:
-            if world_size != self.world_size:  # a new worker group (elastic resize, restart)
-                self.world_size, self.epochs = world_size, {}
-            self.epochs[split] = epoch
-
-        def current(self) -> tuple[int, int]:
-            """(seed, epoch): the slowest announced split's epoch once all have announced."""
-            if not self.epochs:
-                return self.seed, 0
-            if len(self.epochs) < self.world_size:
-                return self.seed, max(self.epochs.values())
-            return self.seed, min(self.epochs.values())
-
-        def report_bad(self, where: str, reason: str) -> int:
-            if where not in self.bad:
-                self.bad[where] = reason
-                log.warning("skipped bad record %d/%d: %s", len(self.bad), self.max_bad, reason)
-            return len(self.bad)
-
-        def bad_records(self) -> dict[str, str]:
-            return dict(self.bad)
-
-    return PipelineState
+    return ray.remote(num_cpus=0)(PipelineState).remote(seed, max_bad_records)
 
 
 def record_seed(seed: int, epoch: int, key: str) -> int:
@@ -260,7 +263,7 @@ def build_datasets(cfg) -> dict:
     spec_info = {"num_classes": spec.num_classes, "ignore_index": spec.ignore_index}
     lut = spec.lut()
     channel_order = getattr(d, "channel_order", "RGB")
-    state = _state_actor_cls().remote(int(cfg.seed), int(d.max_bad_records))
+    state = _state_actor(int(cfg.seed), int(d.max_bad_records))
     cpus = cfg.scaling.cpus_per_data_worker
 
     train_manifest = read_manifest(d.train_uri, endpoint)
