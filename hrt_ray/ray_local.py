@@ -9,6 +9,7 @@ Local instances stay on loopback: Ray otherwise advertises the machine's externa
 from __future__ import annotations
 
 import os
+import socket
 
 #: Logical CPUs of a local instance: 2 train workers + data tasks + the file-listing task.
 MIN_LOCAL_CPUS = 4
@@ -20,15 +21,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # The job's workers call the State API too (Ray Train's placement-group cleaner, which frees
+    # the workers of an early-stopped Tune trial). Without an address in their environment Ray
+    # guesses one, and fails when several Ray instances run on the node.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}})
         return
     # Makes Ray's node-IP lookup answer 127.0.0.1 for this single-node instance; its workers
     # inherit the variable.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = _free_port()
     ray.init(
         num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
         dashboard_host="127.0.0.1",
+        dashboard_port=port,
         include_dashboard=True,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,62 @@
+"""One sweep trial: a whole Ray Train run (its own ``TorchTrainer`` and worker group) inside Tune.
+
+This is the Tune + Train integration Ray 2.60 supports: the trial is a function that builds and
+fits a trainer, whose ``RunConfig`` carries a ``TuneReportCallback`` forwarding the training
+reports to Tune. A trial can therefore span GPUs and nodes like any training run; the trial
+function itself only holds a fraction of a CPU on one node.
+
+Resuming: a trial's Train run is named after the Tune trial id and lives under the sweep
+directory, so a trial restarted by ``Tuner.restore`` calls ``fit()`` again with the same
+``RunConfig(name, storage_path)`` and Ray Train resumes it from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+#: The CPU the trial function holds (Tune rejects 0); the training run asks for its own.
+TRIAL_CPU = 0.1
+
+
+class ValidationReportCallback(TuneReportCallback):
+    """Forward to Tune only the reports that carry a fresh value of the sweep's metric.
+
+    The training loop reports at every checkpoint, validating only every ``eval.interval``
+    iterations; a report without validation carries ``-inf``/``inf`` for the checkpoint metric so
+    that Ray never ranks its checkpoint first. ASHA would read that filler as a real value at a
+    rung and stop the trial, so such reports stay out of Tune (their checkpoints still count
+    for resuming the run).
+    """
+
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        value = metrics[0].get(self.metric) if metrics else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:
+    """Tune's trainable: build this trial's experiment from the sweep and fit its ``TorchTrainer``."""
+    from ray import tune
+
+    from hrt_ray.data import build_datasets
+    from hrt_ray.train.trainer import TrainError, build_trainer
+    from hrt_ray.tune.config import sweep_from_saved, trial_run_name
+
+    sweep = sweep_from_saved(sweep_data)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = sweep.trial_config(params, trial_run_name(trial_id, params))
+    # The driver generated the synthetic data (if any) and checked resources before any trial.
+    trainer = build_trainer(
+        cfg, build_datasets(cfg), callbacks=[ValidationReportCallback(sweep.config.metric)]
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        raise TrainError(f"trial {cfg.name}: training failed: {exc}") from exc

@@ -1,0 +1,277 @@
+"""Sweep configs, their pre-flight errors, and the results table/plot: no Ray needed.
+
+Every bad input here must fail at load time with the key path in the message, i.e. before
+``hrt-ray tune`` connects to a cluster or starts a trial.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hrt_ray.config import ConfigError
+from hrt_ray.tune.config import (
+    STEP_METRICS,
+    VALIDATION_METRICS,
+    Sweep,
+    load_saved_sweep,
+    load_sweep,
+    sweep_from_saved,
+    trial_run_name,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+ABLATIONS = REPO / "jobs" / "ablations"
+TINY = ABLATIONS / "synthetic-tiny-window-lr.yaml"
+
+
+def write_sweep(tmp_path: Path, data: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal(**extra) -> dict:
+    return {"name": "s", "search": {"window_size": [7, 13]}, "scheduler": {"grace_period": 10}, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped sweeps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, base_arch, dataset, max_iters, trials",
+    [
+        ("cityscapes-hrt_b-window-lr", "hrt_base_ocr", "cityscapes", 80000, 9),
+        ("ade20k-hrt_b-window-lr", "hrt_base_ocr", "ade20k", 150000, 9),
+        ("synthetic-tiny-window-lr", "hrt_tiny_ocr", "synthetic", 8, 4),
+    ],
+)
+def test_shipped_ablation_sweeps_load_and_cross_window_with_lr(name, base_arch, dataset, max_iters, trials):
+    sweep = load_sweep(ABLATIONS / f"{name}.yaml")
+    assert sweep.config.name == name
+    assert sweep.base.model.arch == base_arch and sweep.base.data.dataset == dataset
+    assert sweep.max_t == max_iters and sweep.config.metric == "val/mIoU" and sweep.config.mode == "max"
+    points = list(sweep.config.search.grid_points())
+    assert len(points) == trials
+    assert {p["window_size"] for p in points} == ({7, 13, 15} if trials == 9 else {7, 13})
+    assert len({p["lr"] for p in points}) == (3 if trials == 9 else 2)
+    assert sweep.config.scheduler.kind == "asha"
+    # Local paths are absolute: trials run in other processes and other directories.
+    assert Path(sweep.base.data.train_uri).is_absolute() and Path(sweep.directory).is_absolute()
+    cfg = sweep.trial_config(points[-1], trial_run_name("abc_00001", points[-1]))
+    assert cfg.model.window_size == points[-1]["window_size"] and cfg.optim.lr == points[-1]["lr"]
+    assert cfg.storage.path == f"{sweep.directory}/runs" and cfg.checkpoint.metric == "val/mIoU"
+
+
+def test_paper_sweeps_keep_the_paper_schedule_and_validate_often_enough_for_asha():
+    for name in ("cityscapes-hrt_b-window-lr", "ade20k-hrt_b-window-lr"):
+        sweep = load_sweep(ABLATIONS / f"{name}.yaml")
+        assert sweep.base.data.batch_size == 8 and sweep.base.model.pretrained
+        assert sweep.config.scheduler.grace_period % sweep.base.eval.interval == 0
+        assert sweep.base.scaling.use_gpu and sweep.base.scaling.num_workers == 8
+
+
+def test_overrides_reach_sweep_and_experiment_keys():
+    sweep = load_sweep(
+        TINY,
+        [
+            "num_samples=3",
+            "scheduler.kind=fifo",
+            "search.lr.grid=[1e-3]",
+            "experiment.optim.max_iters=6",
+            "name=other",
+        ],
+    )
+    assert sweep.config.num_samples == 3 and sweep.config.scheduler.kind == "fifo"
+    assert sweep.config.search.lr.grid == [1e-3] and sweep.base.optim.max_iters == 6
+    assert sweep.directory.endswith("/sweeps/other")
+
+
+def test_trial_run_names_are_unique_readable_and_valid():
+    name = trial_run_name(
+        "4c980_00003", {"window_size": 13, "lr": 2e-4, "backbone": "hrt_base_ocr", "ohem_thresh": 0.7}
+    )
+    assert name == "4c980_00003-w13-lr2.0e-04-hrt_base_ocr-ohem0.7"
+
+
+def test_saved_sweep_round_trips(tmp_path: Path):
+    sweep = load_sweep(TINY, [f"storage={tmp_path}"])
+    again = sweep_from_saved(yaml.safe_load(yaml.safe_dump(sweep.saved())))
+    assert again.saved() == sweep.saved() and again.directory == sweep.directory
+    (tmp_path / sweep.config.name).mkdir()
+    (tmp_path / sweep.config.name / "sweep.yaml").write_text(yaml.safe_dump(sweep.saved()))
+    assert load_saved_sweep(sweep.directory).saved() == sweep.saved()
+    with pytest.raises(ConfigError, match="no saved sweep here"):
+        load_saved_sweep(str(tmp_path / "nothing"))
+
+
+def test_metric_lists_match_what_the_training_loop_reports():
+    from hrt_ray.eval.metrics import SegMetrics
+    from hrt_ray.train.loop import Meter
+
+    reported = SegMetrics(miou=0.5, pixel_acc=0.5, mean_acc=0.5, iou=[0.5, 0.5], support=[1, 1]).as_report(
+        "val/"
+    )
+    assert set(VALIDATION_METRICS) == {k for k in reported if "/IoU/" not in k}
+    assert set(STEP_METRICS) == set(Meter().summary(1)) | {"train/lr"}
+    assert {"val/IoU/0", "val/IoU/1"} <= set(reported)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the key, before anything runs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"name": "s", "search": {}},
+            r"search: the search space is empty; set at least one of search.window_size",
+        ),
+        ({"name": "s"}, r"search: the search space is empty"),
+        (minimal(search={"window_size": []}), r"search.window_size: an empty grid"),
+        (minimal(search={"lr": {"grid": []}}), r"search.lr.grid: an empty grid"),
+        (minimal(search={"window_size": [7, 7]}), r"search.window_size: repeated values"),
+        (minimal(search={"window_size": [0]}), r"search.window_size\[0\]: must be a positive integer"),
+        (minimal(search={"lr": {"grid": [1e-4], "loguniform": [1e-5, 1e-3]}}), r"search.lr: give either"),
+        (
+            minimal(search={"lr": {"loguniform": [1e-3, 1e-5]}}),
+            r"search.lr.loguniform: must be \[low, high\]",
+        ),
+        (minimal(search={"ohem_thresh": [1.5]}), r"search.ohem_thresh\[0\]: must be in \(0, 1\]"),
+        (minimal(metric="val/miou"), r"metric: training never reports 'val/miou'; did you mean 'val/mIoU'"),
+        (minimal(metric="val/accuracy"), r"metric: training never reports 'val/accuracy'"),
+        (minimal(schedulr={"kind": "asha"}), r"schedulr: unknown key; did you mean 'scheduler'"),
+        (minimal(scheduler={"kind": "hyperband"}), r"scheduler.kind: 'hyperband' is not allowed"),
+        (minimal(scheduler={"reduction_factor": 1}), r"scheduler.reduction_factor: must be > 1"),
+        (minimal(num_samples=0), r"num_samples: must be >= 1"),
+        (minimal(name="a b"), r"name: must be a non-empty name"),
+        (minimal(search={"window_size": "7"}), r"search.window_size: expected a list"),
+        (minimal(max_concurrent_trials=-1), r"max_concurrent_trials: must be >= 0"),
+    ],
+)
+def test_bad_sweep_configs_fail_with_the_key_path(tmp_path: Path, data: dict, message: str):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep(write_sweep(tmp_path, data))
+    assert str(tmp_path / "sweep.yaml") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        # The default experiment trains 150 iterations: a first rung at 200 never comes.
+        (
+            minimal(scheduler={"grace_period": 200}),
+            r"scheduler.grace_period: 200 iterations is beyond the last rung",
+        ),
+        (minimal(scheduler={"grace_period": 10, "max_t": 500}), r"scheduler.max_t: 500 is beyond"),
+        (minimal(experiment={"optim": {"lr": -1}}), r"optim.lr: must be > 0.*keys under 'experiment'"),
+        (minimal(experiment={"optim": {"lrr": 1}}), r"optim.lrr: unknown key; did you mean 'lr'"),
+        (
+            minimal(search={"backbone": ["hrt_huge_ocr"]}),
+            r"search.backbone\[0\]: unknown model 'hrt_huge_ocr'",
+        ),
+        (
+            minimal(
+                search={"backbone": ["hrt_small_ocr"]}, experiment={"model": {"pretrained": "p/hrt_tiny.pth"}}
+            ),
+            r"search.backbone: \['hrt_small_ocr'\] would load the base's model.pretrained",
+        ),
+        (
+            minimal(experiment={"eval": {"interval": 1000}}),
+            r"metric: 'val/mIoU' is reported at validation only",
+        ),
+        # A trial's experiment must be valid for every grid point (window 0 via a model override).
+        (
+            minimal(search={"ohem_thresh": [0.7]}, experiment={"data": {"batch_size": 3}}),
+            r"data.batch_size: 3 does not split evenly",
+        ),
+    ],
+)
+def test_sweeps_inconsistent_with_their_base_experiment_fail_before_trials(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path, data))
+
+
+def test_base_path_is_relative_to_the_sweep_file(tmp_path: Path):
+    (tmp_path / "exp.yaml").write_text(
+        yaml.safe_dump({"name": "x", "optim": {"max_iters": 60, "warmup_iters": 2}})
+    )
+    (tmp_path / "sub").mkdir()
+    sweep = load_sweep(write_sweep(tmp_path / "sub", minimal(base="../exp.yaml")))
+    assert sweep.base.optim.max_iters == 60 and sweep.config.base == str((tmp_path / "exp.yaml").resolve())
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read config"):
+        load_sweep(write_sweep(tmp_path / "sub", minimal(base="missing.yaml")))
+
+
+def test_cli_rejects_bad_sweeps_before_connecting_to_ray(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from hrt_ray.cli import main
+
+    assert main(["tune", "--config", str(TINY), "search.window_size=[]"]) == 2
+    assert "search.window_size: an empty grid" in capsys.readouterr().err
+    assert main(["tune", "--config", str(TINY), "metric=val/loss"]) == 2
+    assert "training never reports 'val/loss'" in capsys.readouterr().err
+    assert main(["tune"]) == 2
+    assert "give --config" in capsys.readouterr().err
+    assert main(["tune", "--resume", str(tmp_path)]) == 2
+    assert "no saved sweep here" in capsys.readouterr().err
+    import sys
+
+    assert "ray" not in sys.modules or sys.modules["ray"].is_initialized() is False
+
+
+# --------------------------------------------------------------------------------------------
+# Table and plot
+# --------------------------------------------------------------------------------------------
+
+
+def _rows():
+    from hrt_ray.tune.results import COMPLETED, ERROR, STOPPED, TrialRow
+
+    def row(tid, w, lr, status, best, curve, error=None):
+        return TrialRow(
+            tid,
+            trial_run_name(tid, {"window_size": w, "lr": lr}),
+            {"window_size": w, "lr": lr},
+            status,
+            max((c[0] for c in curve), default=0),
+            best,
+            None if best is None else max(curve, key=lambda c: c[1])[0],
+            None if best is None else f"/x/runs/{tid}/checkpoint_000001",
+            curve,
+            error,
+        )
+
+    return [
+        row("t_00000", 7, 2e-3, COMPLETED, 0.41, [(2, 0.2), (4, 0.3), (8, 0.41)]),
+        row("t_00002", 13, 2e-3, COMPLETED, 0.38, [(2, 0.25), (4, 0.3), (8, 0.38)]),
+        row("t_00001", 7, 1e-6, STOPPED, 0.12, [(2, 0.12)]),
+        row("t_00003", 13, 1e-6, ERROR, None, [], error="RuntimeError: boom"),
+    ]
+
+
+def test_results_table_csv_markdown_and_plot(tmp_path: Path):
+    from hrt_ray.tune import results
+
+    sweep: Sweep = load_sweep(TINY, [f"storage={tmp_path}"])
+    rows = _rows()
+    table = results.format_table(sweep, rows).splitlines()
+    assert table[0].split() == ["trial", "window_size", "lr", "iterations", "best", "val/mIoU", "status"]
+    assert table[1].split()[:6] == ["t_00000", "7", "2.00e-03", "8", "41.00", "completed"]
+    assert "stopped early" in table[3] and table[4].endswith("error: RuntimeError: boom")
+    csv_lines = results.to_csv(sweep, rows).splitlines()
+    assert csv_lines[0].startswith(
+        "trial,window_size,lr,iterations,best val/mIoU,best_iteration,status,checkpoint"
+    )
+    assert csv_lines[1].startswith("t_00000,7,0.002,8,0.41,8,completed,/x/runs/t_00000/checkpoint_000001,")
+    assert len(csv_lines) == 5
+    md = results.to_markdown(sweep, rows)
+    assert "| trial | window_size | lr | iterations | best val/mIoU (%) | status |" in md
+    assert md.count("\n| t_") == 4
+    png = results.plot(sweep, rows)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
