@@ -115,7 +115,7 @@ def test_visualize_cli_and_tensorboard_panel(tmp_path: Path, capsys) -> None:
     model = load_model(cfg, ckpt, CLASSES)
     model.train()  # the loop calls it mid-training; the model must come back in training mode
     writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
-    add_tensorboard_panel(writer, model, cfg, CLASSES, torch.device("cpu"), step=7, n=2)
+    assert add_tensorboard_panel(writer, model, cfg, CLASSES, torch.device("cpu"), step=7, n=2)
     writer.close()
     assert model.training
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})

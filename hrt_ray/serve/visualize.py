@@ -10,6 +10,7 @@ read straight from the shards (no Ray needed), so successive panels show the sam
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,8 @@ BACKGROUND = (255, 255, 255)
 CORRECT_COLOUR = (0, 0, 0)
 WRONG_COLOUR = (255, 0, 0)
 IGNORED_COLOUR = (128, 128, 128)
+
+log = logging.getLogger(__name__)
 
 Sample = tuple[str, np.ndarray, np.ndarray]  # key, RGB uint8 (H, W, 3), train ids uint8 (H, W)
 
@@ -133,22 +136,28 @@ _SAMPLE_CACHE: dict[tuple[str, int], list[Sample]] = {}
 
 def add_tensorboard_panel(
     writer: Any, model: Any, cfg: Any, num_classes: int, device: Any, step: int, n: int = 4
-) -> None:
+) -> bool:
     """Write the panel of ``model`` on the first ``n`` validation samples as image ``val/panel``.
 
-    Called by the training loop (rank 0) after each validation; single-scale whole-image inference
-    as validation uses. Samples are read once per process and cached.
+    Called by the training loop (rank 0) after each validation; single-scale inference as
+    validation uses. Samples are read once per process and cached. A picture is never worth a
+    failed run: any error is logged as a warning and ``False`` returned.
     """
     from hrt_ray.data.pipeline import resolve_spec
     from hrt_ray.serve.model import InferenceOptions, Segmenter
 
-    key = (cfg.data.val_uri, n)
-    if key not in _SAMPLE_CACHE:
-        _SAMPLE_CACHE[key] = load_val_samples(cfg, n)
-    options = InferenceOptions(mode=cfg.eval.mode, scales=(1.0,), flip=False, **_window(cfg))
-    segmenter = Segmenter(cfg, model, num_classes, resolve_spec(cfg), device, options=options)
-    panel, _ = panel_for(segmenter, _SAMPLE_CACHE[key])
-    writer.add_image("val/panel", panel, step, dataformats="HWC")
+    try:
+        key = (cfg.data.val_uri, n)
+        if key not in _SAMPLE_CACHE:
+            _SAMPLE_CACHE[key] = load_val_samples(cfg, n)
+        options = InferenceOptions(mode=cfg.eval.mode, scales=(1.0,), flip=False, **_window(cfg))
+        segmenter = Segmenter(cfg, model, num_classes, resolve_spec(cfg), device, options=options)
+        panel, _ = panel_for(segmenter, _SAMPLE_CACHE[key])
+        writer.add_image("val/panel", panel, step, dataformats="HWC")
+    except Exception as exc:  # any failure: warn, keep training
+        log.warning("validation panel at step %d not written: %s: %s", step, type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _window(cfg: Any) -> dict[str, Any]:

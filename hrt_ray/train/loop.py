@@ -384,6 +384,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             stage=f"validation data (rank {rank}, iteration {iteration})",
         )
         metrics = validate(model, batches, num_classes, cfg, device, amp_dtype)
+        if tb is not None:  # rank 0: input | truth | prediction | errors of the first val samples
+            from hrt_ray.serve.visualize import add_tensorboard_panel
+
+            add_tensorboard_panel(tb.writer, model, cfg, num_classes, device, iteration)
         return metrics.as_report("val/")
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
