@@ -260,9 +260,12 @@ def run_predict(
     batch_size: int = 4,
     cpus_per_worker: float = 1.0,
     progress_every_s: float = 5.0,
-    log: Any = sys.stderr,
+    log: Any = None,
 ) -> PredictSummary:
-    """Segment every image under ``src`` not yet done into ``dst``; Ray must be initialised."""
+    """Segment every image under ``src`` not yet done into ``dst``; Ray must be initialised.
+
+    Progress and skipped images go to ``log`` (default: the current ``sys.stderr``).
+    """
     import ray
 
     from hrt_ray import storage
@@ -270,6 +273,7 @@ def run_predict(
     from hrt_ray.eval.run import checkpoint_file
     from hrt_ray.serve.model import InferenceOptions
 
+    log = log or sys.stderr
     endpoint = cfg.storage.endpoint
     ckpt = checkpoint_file(checkpoint)
     if not storage.exists(ckpt, endpoint):
