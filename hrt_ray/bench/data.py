@@ -3,8 +3,9 @@
 Both paths run the same work per record (decode the original bytes from the shards, map the
 labels, the official train augmentation, normalise) with the same number of processes:
 Ray Data with ``num_cpus=procs`` (read + decode/augment tasks) and a ``DataLoader`` with
-``num_workers=procs``. Each path runs ``--epochs`` epochs; the figure is taken over the last
-epoch so worker start-up is excluded. Per-core figures divide by ``procs``.
+``num_workers=procs``. Each path runs ``--epochs`` epochs; the figure is the steady rate of the last
+epoch, from its first batch to its last, so worker start-up and pipeline fill are excluded (the
+crops column counts the crops timed). Per-core figures divide by ``procs``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default=None, help="S3-compatible endpoint; default AWS_ENDPOINT_URL")
     parser.add_argument("--skip-ray", action="store_true", help="only the DataLoader path")
     parser.add_argument("--skip-torch", action="store_true", help="only the Ray Data path")
+
+
+def _steady_rate(batch_sizes) -> tuple[float, int]:
+    """Crops/s from the first batch to the last (pipeline fill excluded), and crops counted."""
+    t0, n = None, 0
+    for size in batch_sizes:
+        if t0 is None:
+            t0 = time.perf_counter()
+            continue
+        n += size
+    elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+    return (n / elapsed if elapsed > 0 else 0.0), n
 
 
 class _ShardDataset:
@@ -93,12 +106,9 @@ def _bench_torch(src: str, endpoint: str | None, spec, params, procs: int, batch
     # Sequential order keeps each worker on one row group at a time, as Ray reads whole blocks.
     loader = DataLoader(ds, batch_size=batch, num_workers=procs, drop_last=True, persistent_workers=True,
                         prefetch_factor=2)
-    rate = 0.0
+    rate, n = 0.0, 0
     for _ in range(epochs):
-        t0, n = time.perf_counter(), 0
-        for images, _masks in loader:
-            n += images.shape[0]
-        rate = n / (time.perf_counter() - t0)
+        rate, n = _steady_rate(images.shape[0] for images, _masks in loader)
     return rate, n
 
 
@@ -120,10 +130,8 @@ def _bench_ray(src: str, endpoint: str | None, dataset: str | None, crop, procs:
         train = build_datasets(cfg)["train"]
         rate, n = 0.0, 0
         for epoch in range(epochs):
-            t0, n = time.perf_counter(), 0
-            for b in iter_batches(train, batch, epoch=epoch, train=True, shuffle_buffer=0):
-                n += b["image"].shape[0]
-            rate = n / (time.perf_counter() - t0)
+            batches = iter_batches(train, batch, epoch=epoch, train=True, shuffle_buffer=0)
+            rate, n = _steady_rate(b["image"].shape[0] for b in batches)
         return rate, n
     finally:
         ray.shutdown()

@@ -286,7 +286,7 @@ def build_datasets(cfg) -> dict:
         filesystem=_filesystem(d.train_uri, endpoint),
         include_paths=True,
         shuffle=FileShuffleConfig(seed=int(cfg.seed), reseed_after_execution=True),
-    ).map_batches(
+    ).repartition(target_num_rows_per_block=UDF_BATCH).map_batches(
         _train_udf,
         fn_kwargs={
             "state": state,
