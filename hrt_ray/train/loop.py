@@ -253,6 +253,21 @@ def _mean_across_workers(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats).
+
+    DDP broadcasts buffers at the start of each *training* forward, so right after a step each
+    rank still holds the running stats of its own last batch; validating with those would make
+    ranks disagree with each other and with the checkpoint, which holds rank 0's.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def _gather_objects(obj: Any) -> list[Any]:
     import torch.distributed as dist
 
@@ -378,6 +393,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     worst = -math.inf if mode == "max" else math.inf
 
     def run_validation() -> dict[str, float]:
+        broadcast_buffers(model)
         batches = iter_with_timeout(
             iter_batches(val_shard, cfg.eval.batch_size, epoch=0, train=False, prefetch_batches=1),
             timeout,

@@ -106,7 +106,8 @@ def check_resources(cfg: ExperimentConfig, num_workers: int | None = None) -> No
     """
     import ray
 
-    n = cfg.scaling.num_workers if num_workers is None else num_workers
+    # An elastic run starts once its minimum group fits.
+    n = (cfg.scaling.min_workers or cfg.scaling.num_workers) if num_workers is None else num_workers
     bundle = worker_bundle(cfg)
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     total = ray.cluster_resources()
