@@ -5,9 +5,11 @@ Design:
 * **Plan on the driver** (:func:`plan`): one listing of the source and one of the destination.
   Images whose outputs already exist are dropped here, so a restarted job redoes only what is
   missing, without a per-image existence request to the object store.
-* **Read raw bytes** (``read_binary_files(include_paths=True)``) and decode in our own CPU tasks
+* **Read raw bytes** (``read_binary_files(include_paths=True)``) and decode in our own UDF
   (:func:`decode_batch`): an unreadable image becomes a row with its key and the reason instead of
-  failing the whole dataset.
+  failing the whole dataset. With GPU actors decoding runs in separate CPU tasks, so the GPU never
+  waits on JPEG decoding; on CPU, where both stages ask for the same resources, Ray Data fuses
+  decoding into the actor stage (no copy of the pixels through the object store).
 * **Infer in an actor pool** (:class:`PredictActor`): the model is loaded once per actor (one GPU
   each when the cluster has GPUs, else CPU threads) and runs exactly the evaluation's inference
   (:class:`~hrt_ray.serve.model.Segmenter`). The actor writes its outputs itself through
