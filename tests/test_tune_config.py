@@ -275,3 +275,50 @@ def test_results_table_csv_markdown_and_plot(tmp_path: Path):
     assert md.count("\n| t_") == 4
     png = results.plot(sweep, rows)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# --------------------------------------------------------------------------------------------
+# ASHA's rungs across a resume (no cluster: the scheduler is plain bookkeeping)
+# --------------------------------------------------------------------------------------------
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def test_asha_rungs_survive_a_restart_of_the_scheduler(tmp_path: Path):
+    from hrt_ray.tune.scheduler import ResumableASHA
+
+    def scheduler() -> ResumableASHA:
+        return ResumableASHA(
+            state_uri=str(tmp_path / "asha-state.pkl"),
+            time_attr="iteration",
+            metric="val/mIoU",
+            mode="max",
+            max_t=8,
+            grace_period=2,
+            reduction_factor=2,
+        )
+
+    first, good = scheduler(), _Trial("a")
+    first.on_trial_add(None, good)
+    assert first.on_trial_result(None, good, {"iteration": 2, "val/mIoU": 0.5}) == "CONTINUE"
+    first.on_trial_complete(None, good, {"iteration": 8, "val/mIoU": 0.6})
+    # What Tuner.restore hands back: the scheduler as configured at the start, rungs empty...
+    again, worse = scheduler(), _Trial("b")
+    again.on_trial_add(None, good)
+    again.on_trial_add(None, worse)
+    # ...which still stops a trial below the finished one at the first rung.
+    assert again.on_trial_result(None, worse, {"iteration": 2, "val/mIoU": 0.1}) == "STOP"
+    fresh = ResumableASHA(
+        state_uri=str(tmp_path / "other.pkl"),
+        time_attr="iteration",
+        metric="val/mIoU",
+        mode="max",
+        max_t=8,
+        grace_period=2,
+        reduction_factor=2,
+    )
+    fresh.on_trial_add(None, worse)
+    assert fresh.on_trial_result(None, worse, {"iteration": 2, "val/mIoU": 0.1}) == "CONTINUE"

@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     ensure_ray()
     if args.report:
+        from hrt_ray.tune.sweep import sweep_exists
+
+        if not sweep_exists(sweep):
+            print(f"error: {sweep.directory}: no trials recorded yet (start it first)", file=sys.stderr)
+            return 2
         report = write_report(sweep)
         print(report.table)
         _print_paths(report)

@@ -399,6 +399,8 @@ def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
 
     base = from_dict(worker_config(base), source="experiment")
     sweep = Sweep(config=cfg, base=base, source=source)
+    # Saved absolute, so `--resume DIR` from another directory finds the same sweep.
+    cfg.storage = sweep.storage
     try:
         _check_against_base(sweep)
     except ConfigError as exc:

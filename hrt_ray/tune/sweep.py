@@ -92,15 +92,23 @@ def concurrency(sweep: Sweep, cfg: ExperimentConfig) -> int:
     return max(1, min(fits) if fits else 1)
 
 
+#: ASHA's rung records in the sweep directory (see hrt_ray.tune.scheduler).
+ASHA_STATE_FILE = "asha-state.pkl"
+
+
 def _scheduler(sweep: Sweep) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from hrt_ray.tune.scheduler import ResumableASHA
 
     s = sweep.config.scheduler
     if s.kind == "fifo":
         return FIFOScheduler()
     # Rungs on training iterations (the loop's "iteration"), not on Tune's report count: a
     # resumed trial continues its iteration count, and rungs mean the same across configs.
-    return ASHAScheduler(
+    return ResumableASHA(
+        state_uri=f"{sweep.directory}/{ASHA_STATE_FILE}",
+        endpoint=sweep.endpoint,
         time_attr="iteration",
         max_t=sweep.max_t,
         grace_period=s.grace_period,
