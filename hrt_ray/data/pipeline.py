@@ -20,7 +20,13 @@ Equal work per worker: Ray Train splits with ``streaming_split(n, equal=True)`` 
 batches drop the remainder, so every worker gets the same number of batches. Validation must
 see every image exactly once across workers, but equal splitting drops up to ``n - 1`` rows; the
 val dataset is therefore padded to a multiple of the worker count with copies of its first image
-whose masks are entirely ignore (they add nothing to a confusion matrix).
+whose masks are entirely ignore (they add nothing to a confusion matrix). (A val record skipped
+under ``max_bad_records`` breaks that multiple; equal splitting may then drop up to ``n - 1``
+images, so fix bad val records rather than skip them.)
+
+Parallelism inside a shard: a Parquet shard is read as one block, and a map task handles one
+block, so the read is re-blocked to ``UDF_BATCH`` records (a streaming repartition, no shuffle)
+before decode/augment; otherwise one task would decode a whole 64-image shard alone.
 """
 
 from __future__ import annotations
@@ -312,7 +318,7 @@ def build_datasets(cfg) -> dict:
         _paths(d.val_uri, val_manifest, endpoint),
         filesystem=_filesystem(d.val_uri, endpoint),
         include_paths=True,
-    ).map_batches(
+    ).repartition(target_num_rows_per_block=UDF_BATCH).map_batches(
         _val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
     )
     multiple = val_pad_multiple(cfg)
