@@ -222,6 +222,11 @@ def test_check_reports_histogram_unseen_classes_range_errors_and_off_by_one(tmp_
     assert any("shard part-00001.parquet record 'r3'" in e and ": 4" in e for e in report.errors)
     assert report.hints and "reduce_zero_label: true" in report.hints[0]
 
+    # labels already reduced (0-based, 255 = ignore) for a spec that reduces the zero label again
+    reduced = [np.full((H, W), v, np.uint8) for v in (0, 30, 58, 255)]
+    report = check(_write(tmp_path, reduced, get_spec("pascal_context"), name="reduced"))
+    assert report.hints and "reduce_zero_label: false" in report.hints[0]
+
     mismatch = _write(tmp_path, [np.zeros((H + 1, W), np.uint8)], spec, name="mismatch")
     assert main(["data", "check", mismatch]) == 1
     errors = check(mismatch).errors

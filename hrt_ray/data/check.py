@@ -73,10 +73,11 @@ def _off_by_one_hints(spec: DatasetSpec, raw_hist: np.ndarray) -> list[str]:
                 f"raw value {k} appears but 0..{k - 1} are the classes: the labels look 1-based "
                 "(0 = background/unlabelled). Set reduce_zero_label: true in the dataset spec."
             )
-    elif spec.reduce_zero_label and not present[0] and not present[k] and present[1:k].any():
+    elif spec.reduce_zero_label and present[spec.ignore_index] and not present[k] and present[:k].any():
         hints.append(
-            f"raw value 0 never appears and neither does {k} (class {k - 1}): the labels look already "
-            "reduced (0-based). Set reduce_zero_label: false in the dataset spec."
+            f"the ignore value {spec.ignore_index} appears but raw {k} (class {k - 1}) never does: "
+            "the labels look already reduced (0-based, ignore already marked), so reducing again "
+            "shifts every class by one and drops class 0. Set reduce_zero_label: false in the dataset spec."
         )
     return hints
 
