@@ -17,7 +17,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="sweep YAML (e.g. jobs/ablations/synthetic-tiny.yaml)")
+    parser.add_argument("--config", "-c", help="sweep YAML (see jobs/ablations/)")
     parser.add_argument(
         "overrides",
         nargs="*",
