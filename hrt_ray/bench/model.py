@@ -201,7 +201,7 @@ def count_flops(model, images) -> int:
     custom = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
-        custom[op.default] = _sdpa_cpu_flops
+        custom[op] = _sdpa_cpu_flops  # keyed by the overload packet, as torch's own table
     with FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.no_grad():
         model(images)
     return int(counter.get_total_flops())

@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hrt_ray.models.attention import LocalWindowAttention
+from hrt_ray.models.layers import conv_bn, fold_bn, folds_bn, run_folded
 
 BN_MOMENTUM = 0.1
 STEM_CHANNELS = 64
@@ -101,9 +102,13 @@ def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A 1x1 convolution on a channels-last ``(B, H, W, C)`` tensor, as one matrix product."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+def _pointwise(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+    """A 1x1 convolution on a channels-last ``(B, H, W, C)`` tensor as one matrix product
+    (with ``bn`` folded in when given, eval only)."""
+    weight, bias = conv.weight.flatten(1), conv.bias
+    if bn is not None:
+        weight, bias = fold_bn(weight, bias, bn)
+    return F.linear(x, weight, bias)
 
 
 class Bottleneck(nn.Module):
@@ -123,10 +128,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = self.relu(conv_bn(out, self.conv2, self.bn2))
+        out = conv_bn(out, self.conv3, self.bn3)
+        residual = x if self.downsample is None else run_folded(self.downsample, x)
         return self.relu(out + residual)
 
 
@@ -151,6 +156,11 @@ class ConvFFN(nn.Module):
         self.norm3 = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if folds_bn(self.norm1):  # eval: each BN folded into the convolution before it
+            y = self.act1(_pointwise(x, self.fc1, self.norm1))
+            w, b = fold_bn(self.dw3x3.weight, self.dw3x3.bias, self.norm2)
+            y = self.act2(F.conv2d(_to_nchw(y), w, b, padding=1, groups=self.dw3x3.groups))
+            return self.act3(_pointwise(_to_nhwc(y), self.fc2, self.norm3))
         y = self.act1(self.norm1(_to_nchw(_pointwise(x, self.fc1))))
         y = self.act2(self.norm2(self.dw3x3(y.contiguous(memory_format=torch.channels_last))))
         y = _pointwise(_to_nhwc(y), self.fc2)
@@ -249,17 +259,17 @@ class HRTModule(nn.Module):
             return xs
         out = []
         for i, paths in enumerate(self.fuse_layers):
-            y = xs[0] if i == 0 else paths[0](xs[0])
+            y = xs[0] if i == 0 else run_folded(paths[0], xs[0])
             for j in range(1, len(xs)):
                 if j == i:
                     y = y + xs[j]
                 elif j > i:
-                    z = paths[j](xs[j])
+                    z = run_folded(paths[j], xs[j])
                     if z.shape[-2:] != xs[i].shape[-2:]:  # sizes not divisible by 32: as the official
                         z = F.interpolate(z, size=xs[i].shape[-2:], mode="bilinear", align_corners=True)
                     y = y + z
                 else:
-                    y = y + paths[j](xs[j])
+                    y = y + run_folded(paths[j], xs[j])
             out.append(self.relu(y))
         return out
 
@@ -350,13 +360,13 @@ class HighResolutionTransformer(nn.Module):
                 module.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(conv_bn(x, self.conv1, self.bn1))
+        x = self.relu(conv_bn(x, self.conv2, self.bn2))
         xs = [self.layer1(x)]
         for stage in range(len(self.settings.modules)):
             transition: nn.ModuleList = getattr(self, f"transition{stage + 1}")
             xs = [
-                (xs[i] if t is None else t(xs[i])) if i < len(xs) else t(xs[-1])
+                (xs[i] if t is None else run_folded(t, xs[i])) if i < len(xs) else run_folded(t, xs[-1])
                 for i, t in enumerate(transition)
             ]
             xs = getattr(self, f"stage{stage + 2}")(xs)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hrt_ray.models.layers import run_folded
+
 OCR_MID_CHANNELS = 512
 OCR_KEY_CHANNELS = 256
 OCR_DROPOUT = 0.05
@@ -54,12 +56,12 @@ class ObjectAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, proxy: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        query = self.f_pixel(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, HW, Ck
-        key = self.f_object(proxy).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, K, Ck
-        value = self.f_down(proxy).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, K, Ck
+        query = run_folded(self.f_pixel, x).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, HW, Ck
+        key = run_folded(self.f_object, proxy).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, K, Ck
+        value = run_folded(self.f_down, proxy).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, K, Ck
         context = F.scaled_dot_product_attention(query, key, value)  # softmax(q k^T / sqrt(Ck)) v
         context = context.squeeze(1).transpose(1, 2).reshape(b, self.key_channels, h, w)
-        return self.f_up(context)
+        return run_folded(self.f_up, context)
 
 
 class SpatialOCR(nn.Module):
@@ -74,7 +76,7 @@ class SpatialOCR(nn.Module):
 
     def forward(self, feats: torch.Tensor, proxy: torch.Tensor) -> torch.Tensor:
         context = self.object_context_block(feats, proxy)
-        return self.conv_bn_dropout(torch.cat([context, feats], 1))
+        return run_folded(self.conv_bn_dropout, torch.cat([context, feats], 1))
 
 
 class HRTOCR(nn.Module):
@@ -114,8 +116,8 @@ class HRTOCR(nn.Module):
         feats = torch.cat(
             [xs[0], *(F.interpolate(x, size=size, mode="bilinear", align_corners=True) for x in xs[1:])], 1
         )
-        aux = self.aux_head(feats)
-        feats = self.conv3x3(feats)
+        aux = run_folded(self.aux_head, feats)
+        feats = run_folded(self.conv3x3, feats)
         context = self.ocr_gather_head(feats, aux)
         out = self.cls_head(self.ocr_distri_head(feats, context))
         full = images.shape[-2:]
