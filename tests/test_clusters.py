@@ -304,6 +304,22 @@ def test_kuberay_spot_fallback_timeout_is_set_for_the_autoscaler(name: str) -> N
     assert 0 < int(env["RAY_AUTOSCALER_RECONCILE_ALLOCATE_STATUS_TIMEOUT_S"]) <= 1800
 
 
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_spot_pods_drain_as_preemption_within_their_grace_period(name: str) -> None:
+    """A reclaimed spot pod gets SIGTERM; Ray drains its node (reason PREEMPTION) for
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, which must end before Kubernetes kills the pod."""
+    from ray._private import ray_constants
+
+    assert ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S > 0  # the drain exists in 2.60
+    spot = [g for g in ray_cluster_specs()[name]["workerGroupSpecs"] if "spot" in g["groupName"]]
+    assert spot
+    for group in spot:
+        pod = group["template"]["spec"]
+        env = {e["name"]: e["value"] for e in containers(group)[0]["env"]}
+        drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        assert 0 < drain_s < pod["terminationGracePeriodSeconds"], group["groupName"]
+
+
 def test_rayjob_runs_a_real_job_config_and_tears_down() -> None:
     from hrt_ray.config import load_config
 
