@@ -72,7 +72,7 @@ def write_setup(root: Path) -> tuple[str, str]:
     import torch
     import yaml
 
-    from hrt_ray.data import synth
+    from hrt_ray.data.synth import synth
     from hrt_ray.models import build_model
 
     val = str(root / "val")

@@ -95,4 +95,11 @@ def run(args: argparse.Namespace) -> int:
             f"model only: {per_worker:.2f} images/s per worker "
             f"({per_worker * summary.workers:.2f} images/s for {summary.workers} worker(s))"
         )
+    if summary.infer_cpu_seconds > 0 and summary.device == "cpu":
+        cpu_per_image = summary.infer_cpu_seconds / summary.written
+        print(
+            f"model CPU time: {cpu_per_image:.2f} CPU-s per image "
+            f"(= {1 / cpu_per_image:.2f} images/s per fully available core; wall figures above include "
+            f"waiting for cores when the machine is shared)"
+        )
     return 0 if not summary.failed else 1

@@ -194,8 +194,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from hrt_ray import storage
-    from hrt_ray.data import DataError, ensure_synthetic
-    from hrt_ray.data.codec import encode_png
+    from hrt_ray.data.codec import DataError, encode_png
+    from hrt_ray.data.synth import ensure_synthetic
     from hrt_ray.eval.run import checkpoint_file
     from hrt_ray.models.checkpoint import CheckpointError
     from hrt_ray.serve.model import Segmenter
