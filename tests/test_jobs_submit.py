@@ -87,7 +87,7 @@ def head_node() -> Iterator[tuple[str, dict[str, str]]]:
     )
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while True:
             probe = subprocess.run(
                 [str(BIN / "ray"), "job", "list", "--address", address],

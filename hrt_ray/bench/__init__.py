@@ -11,7 +11,7 @@ import importlib
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "train": ("hrt_ray.bench.train", "Ray Train per-iteration overhead vs one plain process; images/s, data wait."),
+    "train": ("hrt_ray.bench.train", "Ray Train step overhead vs a plain process; images/s, data wait."),
     "data": ("hrt_ray.bench.data", "Augmented crops/s (and per core) of Ray Data vs a torch DataLoader."),
     "predict": ("hrt_ray.bench.predict", "Batch inference images/s of hrt-ray predict (Ray Data actors)."),
     "model": ("hrt_ray.bench.model", "Model parameters, FLOPs, forward/backward time and peak memory."),

@@ -32,6 +32,9 @@ from hrt_ray.train.optim import build_optimizer, build_scheduler
 from hrt_ray.train.state import rng_state, save_state, seed_everything, set_rng_state, unwrap
 from hrt_ray.train.watchdog import iter_with_timeout
 
+#: The score of a checkpoint reported without a fresh value of ``checkpoint.metric``.
+UNSCORED = 1e30
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stops before any checkpoint of the broken state."""
@@ -390,7 +393,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     loss_args = loss_kwargs(cfg, device)
     tb = _TensorBoard(config["run_uri"], cfg.storage.endpoint) if rank == 0 else None
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
-    worst = -math.inf if mode == "max" else math.inf
+    # Finite: Ray's checkpoint-manager snapshot goes through JSON, where +-inf come back as None.
+    worst = -UNSCORED if mode == "max" else UNSCORED
 
     def run_validation() -> dict[str, float]:
         broadcast_buffers(model)
@@ -411,12 +415,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         value = metrics.get(metric)
         if value is not None and (best is None or (value > best if mode == "max" else value < best)):
             best = float(value)
-        metrics = {**metrics, "iteration": iteration, "data_epoch": data_epoch, "best": best}
+        metrics = {**metrics, "iteration": iteration, "data_epoch": data_epoch}
+        if best is not None:
+            metrics["best"] = best
+        if tb is not None:
+            tb.log({k: v for k, v in metrics.items() if "/" in k}, iteration)
         # Ray ranks checkpoints by ``metric``; one without a fresh value must never rank first.
         metrics.setdefault(metric, worst)
         rngs = _gather_objects(rng_state()) if with_checkpoint else None
-        if tb is not None:
-            tb.log({k: v for k, v in metrics.items() if "/" in k}, iteration)
         if rank == 0 and with_checkpoint:
             with tempfile.TemporaryDirectory(prefix="hrt-ckpt-") as tmp:
                 save_state(
