@@ -269,7 +269,6 @@ def build_datasets(cfg) -> dict:
     spec_info = {"num_classes": spec.num_classes, "ignore_index": spec.ignore_index}
     lut = spec.lut()
     channel_order = getattr(d, "channel_order", "RGB")
-    state = _state_actor(int(cfg.seed), int(d.max_bad_records))
     cpus = cfg.scaling.cpus_per_data_worker
 
     train_manifest = read_manifest(d.train_uri, endpoint)
@@ -277,6 +276,7 @@ def build_datasets(cfg) -> dict:
     for uri, manifest in ((d.train_uri, train_manifest), (d.val_uri, val_manifest)):
         if manifest["num_records"] < 1:
             raise DataError(f"{uri}: the shard set holds no records")
+    state = _state_actor(int(cfg.seed), int(d.max_bad_records))
 
     params = AugmentParams(
         crop_size=(int(crop[0]), int(crop[1])),
