@@ -160,3 +160,30 @@ def test_predict_missing_checkpoint_is_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["model.num_classes=3"])
     with pytest.raises(PredictError, match="missing.pt: checkpoint not found"):
         run_predict(cfg, str(tmp_path / "missing.pt"), str(tmp_path), str(tmp_path / "out"))
+
+
+def test_segmenter_uses_the_evaluation_test_setting(tmp_path: Path) -> None:
+    """Sliding window + multi-scale + flip from ``eval.*`` overrides, same-size images batched."""
+    import torch
+
+    from hrt_ray.config import load_config
+    from hrt_ray.data.transforms import normalize
+    from hrt_ray.eval.inference import predict
+    from hrt_ray.serve.model import InferenceOptions, Segmenter
+
+    cfg_path, ckpt = write_setup(tmp_path)
+    overrides = ["eval.mode=slide", "eval.crop_size=[32,32]", "eval.stride=[24,24]", "eval.scales=[0.75,1.0]"]
+    cfg = load_config(cfg_path, [*overrides, "eval.flip=true"])
+    seg = Segmenter.load(cfg, ckpt, device="cpu", batch_size=2)
+    assert seg.options == InferenceOptions("slide", (0.75, 1.0), True, (32, 32), (24, 24))
+    assert seg.num_classes == 3 and seg.spec.name == "tri"
+    square = image_bytes("b.png")[0]  # 32x32; two of them go through one forward pass
+    wide = draw_scene(0, "predict", 99, 32, 40, 3)[0]
+    preds = seg([square, wide, square[::-1].copy()])
+    assert [p.shape for p in preds] == [(32, 32), (32, 40), (32, 32)]
+    with torch.no_grad():
+        x = torch.from_numpy(normalize(square))[None]
+        ref = predict(
+            seg.model, x, 3, mode="slide", scales=(0.75, 1.0), flip=True, crop=(32, 32), stride=(24, 24)
+        )
+    np.testing.assert_array_equal(preds[0], ref[0].numpy())
