@@ -62,6 +62,8 @@ def collect(sweep: Sweep) -> list[TrialRow]:
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
+    from hrt_ray.tune.trial import fresh
+
     path, fs = tune_storage(sweep)
     analysis = ExperimentAnalysis(
         f"{path}/{sweep.config.name}",
@@ -80,7 +82,7 @@ def collect(sweep: Sweep) -> list[TrialRow]:
             has_ckpt = "checkpoint_path" in df.columns
             for _, rec in df.iterrows():
                 value, it = rec[metric], rec["iteration"]
-                if not (finite(value) and finite(it)):
+                if not (fresh(value) and finite(it)):
                     continue
                 curve.append((int(it), float(value)))
                 if best is None or sign * value > sign * best:

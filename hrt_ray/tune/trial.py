@@ -25,10 +25,10 @@ class ValidationReportCallback(TuneReportCallback):
     """Forward to Tune only the reports that carry a fresh value of the sweep's metric.
 
     The training loop reports at every checkpoint, validating only every ``eval.interval``
-    iterations; a report without validation carries ``-inf``/``inf`` for the checkpoint metric so
-    that Ray never ranks its checkpoint first. ASHA would read that filler as a real value at a
-    rung and stop the trial, so such reports stay out of Tune (their checkpoints still count
-    for resuming the run).
+    iterations; a report without validation carries a worst-possible sentinel for the checkpoint
+    metric so that Ray never ranks its checkpoint first. ASHA would read that filler as a real
+    value at a rung and stop the trial, so such reports stay out of Tune (their checkpoints
+    still count for resuming the run).
     """
 
     def __init__(self, metric: str) -> None:
@@ -36,9 +36,20 @@ class ValidationReportCallback(TuneReportCallback):
         self.metric = metric
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        value = metrics[0].get(self.metric) if metrics else None
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if metrics and fresh(metrics[0].get(self.metric)):
             super().after_report(run_context, metrics, checkpoint)
+
+
+def fresh(value: Any) -> bool:
+    """A real value of a metric: not the loop's ``UNSCORED`` sentinel (nor an infinity/NaN)."""
+    from hrt_ray.train.loop import UNSCORED
+
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) < UNSCORED
+    )
 
 
 def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:
