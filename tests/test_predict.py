@@ -153,13 +153,18 @@ def test_predict_cli_from_s3_bucket(ray_session, s3_bucket: str, tmp_path: Path,
     assert [p.rsplit("/", 1)[-1] for p in work.todo] == ["broken.jpg"] and work.done == 3
 
 
-def test_predict_missing_checkpoint_is_named(tmp_path: Path) -> None:
+def test_predict_bad_checkpoint_fails_before_any_actor(tmp_path: Path) -> None:
     from hrt_ray.config import load_config
     from hrt_ray.serve.predict import run_predict
 
     cfg = load_config(None, ["model.num_classes=3"])
     with pytest.raises(PredictError, match="missing.pt: checkpoint not found"):
         run_predict(cfg, str(tmp_path / "missing.pt"), str(tmp_path), str(tmp_path / "out"))
+    cfg_path, ckpt = write_setup(tmp_path)  # a 3-class checkpoint...
+    with pytest.raises(PredictError, match=r"ckpt\.pt: .*do not fit.*cls_head"):  # ...for a 5-class config
+        run_predict(
+            load_config(cfg_path, ["model.num_classes=5"]), ckpt, str(tmp_path), str(tmp_path / "out")
+        )
 
 
 def test_segmenter_uses_the_evaluation_test_setting(tmp_path: Path) -> None:

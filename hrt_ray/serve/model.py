@@ -102,16 +102,27 @@ class Segmenter:
 
     @classmethod
     def load(
-        cls, cfg: ExperimentConfig, checkpoint: str, *, device: str = "auto", batch_size: int = 4
+        cls,
+        cfg: ExperimentConfig,
+        checkpoint: str,
+        *,
+        device: str = "auto",
+        batch_size: int = 4,
+        spec: DatasetSpec | None = None,
+        num_classes: int | None = None,
     ) -> Segmenter:
-        """The config's model with ``checkpoint``'s weights on ``device``; classes from the config/spec."""
+        """The config's model with ``checkpoint``'s weights on ``device``.
+
+        ``spec``/``num_classes`` default to the config's (``resolve_spec``/``resolve_num_classes``);
+        a driver passes them in so workers need not reach the spec file or shard manifest.
+        """
         from hrt_ray.data.pipeline import resolve_spec
         from hrt_ray.train.loop import resolve_num_classes
 
-        num_classes = resolve_num_classes(cfg)
+        num_classes = num_classes or resolve_num_classes(cfg)
         dev = pick_device(device)
         model = load_model(cfg, checkpoint, num_classes).to(dev)
-        return cls(cfg, model, num_classes, resolve_spec(cfg), dev, batch_size=batch_size)
+        return cls(cfg, model, num_classes, spec or resolve_spec(cfg), dev, batch_size=batch_size)
 
     def normalise(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB -> float32 ``(3, H, W)`` exactly as the validation pipeline feeds the model."""

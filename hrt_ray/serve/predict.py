@@ -146,6 +146,8 @@ class PredictActor:
         checkpoint: str,
         dst: str,
         *,
+        spec: dict[str, Any],
+        num_classes: int,
         ids: str,
         overlay: bool,
         device: str,
@@ -155,12 +157,20 @@ class PredictActor:
         import torch
 
         from hrt_ray.config import from_dict
+        from hrt_ray.data.specs import spec_from_dict
         from hrt_ray.serve.model import Segmenter
 
         if threads > 0:
             torch.set_num_threads(threads)
         self.cfg = from_dict(cfg, source="predict config")
-        self.segmenter = Segmenter.load(self.cfg, checkpoint, device=device, batch_size=batch_size)
+        self.segmenter = Segmenter.load(
+            self.cfg,
+            checkpoint,
+            device=device,
+            batch_size=batch_size,
+            spec=spec_from_dict(spec, "predict driver"),
+            num_classes=num_classes,
+        )
         self.dst = dst.rstrip("/")
         self.ids = ids
         self.overlay = overlay
@@ -277,14 +287,26 @@ def run_predict(
 
     from hrt_ray import storage
     from hrt_ray.config import to_dict
+    from hrt_ray.data.pipeline import resolve_spec
     from hrt_ray.eval.run import checkpoint_file
-    from hrt_ray.serve.model import InferenceOptions
+    from hrt_ray.models.checkpoint import CheckpointError
+    from hrt_ray.serve.model import InferenceOptions, load_model
+    from hrt_ray.train.loop import resolve_num_classes
 
     log = log or sys.stderr
+    if ids not in ("train", "original"):
+        raise PredictError(f"ids must be 'train' or 'original', got {ids!r}")
     endpoint = cfg.storage.endpoint
-    ckpt = checkpoint_file(checkpoint)
+    # Absolute URIs: actors may run in another working directory (or on another node).
+    ckpt = storage.resolve(checkpoint_file(checkpoint), endpoint).uri
+    dst = storage.resolve(dst, endpoint).uri
     if not storage.exists(ckpt, endpoint):
         raise PredictError(f"{ckpt}: checkpoint not found")
+    spec, num_classes = resolve_spec(cfg), resolve_num_classes(cfg)
+    try:  # fail here, with the checkpoint's own message, rather than in every actor
+        load_model(cfg, ckpt, num_classes)
+    except CheckpointError as exc:
+        raise PredictError(str(exc)) from exc
     work = plan(src, dst, overlay=overlay, endpoint=endpoint)
     gpus = cluster_gpus()
     use_gpu = device in ("gpu", "cuda") or (device == "auto" and gpus > 0)
@@ -315,6 +337,8 @@ def run_predict(
             PredictActor,
             fn_constructor_args=(to_dict(cfg), ckpt, dst),
             fn_constructor_kwargs={
+                "spec": spec.to_dict(),
+                "num_classes": num_classes,
                 "ids": ids,
                 "overlay": overlay,
                 "device": "cuda" if use_gpu else "cpu",
