@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,7 +259,9 @@ def plot(sweep: Sweep, rows: list[TrialRow]) -> bytes:
         label = f"window {window}" if window is not None else "window (arch default)"
         label += "".join(f", {_fmt_param(k, r.params.get(k))}" for k in others)
         groups.setdefault(label, []).append((float(r.params.get("lr", sweep.base.optim.lr)), r.best * scale))
-    for label, points in sorted(groups.items()):
+    # Natural order: "window 7" before "window 13".
+    natural = lambda label: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]  # noqa: E731
+    for label, points in sorted(groups.items(), key=lambda kv: natural(kv[0])):
         points.sort()
         ax_lr.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax_lr.set_xscale("log")
