@@ -279,10 +279,18 @@ class FailureConfig:
     #: A worker that waits this long for a batch, or a collective that stalls this long, fails
     #: the run with an error naming the stage instead of hanging.
     stall_timeout_s: float = 600.0
+    #: Restarts after node preemptions (spot reclaims drained as PREEMPTION), counted apart from
+    #: ``max_failures`` so a spot-heavy run does not spend its failure budget (-1 = unlimited).
+    max_preemption_failures: int = -1
+    #: When Ray Train reports an imminent preemption, every rank reports a checkpoint at the next
+    #: iteration (once per notice), so the work lost is one step, not a checkpoint interval.
+    checkpoint_on_preemption: bool = True
 
     def validate(self, path: str) -> None:
         if self.max_failures < -1:
             raise ConfigError(f"{path}.max_failures: must be >= -1 (-1 = unlimited)")
+        if self.max_preemption_failures < -1:
+            raise ConfigError(f"{path}.max_preemption_failures: must be >= -1 (-1 = unlimited)")
         if self.stall_timeout_s <= 0:
             raise ConfigError(f"{path}.stall_timeout_s: must be > 0")
 

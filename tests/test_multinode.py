@@ -419,9 +419,10 @@ def test_preempted_node_is_survived_elastically_without_spending_max_failures(
     - Ray Train's preemption watcher sees the drain; at the deadline the controller restarts the
       group and charges it to ``FailureConfig.max_preemption_failures`` (Ray's default: no
       limit), not to ``failure.max_failures``, which is 0 here: any real failure would end it.
-    - The group comes back elastically (``scaling.min_workers=1``) on the one node left and
-      resumes from the latest periodic checkpoint, so at most ``checkpoint.every`` iterations
-      are redone.
+    - Warned of the preemption (``ray.train.get_preemption_info``), every rank reports a
+      just-in-time checkpoint at the next iteration; the group comes back elastically
+      (``scaling.min_workers=1``) on the one node left and resumes from it, so less than
+      ``checkpoint.every`` iterations are redone.
     """
     runs = tmp_path / "runs"
     run_dir = runs / "spot"
@@ -447,9 +448,10 @@ def test_preempted_node_is_survived_elastically_without_spending_max_failures(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iteration"] == total
     resumed = summary["resumed_from"]
-    # Lost work is bounded by the checkpoint interval: it resumed from a periodic checkpoint at
-    # or after the last one seen before the notice.
-    assert resumed is not None and resumed % every == 0 and noticed <= resumed < total, (summary, noticed)
+    # The notice made every rank report a just-in-time checkpoint after the last periodic one seen
+    # before it, so the lost work is less than a checkpoint interval.
+    assert "preemption notice for ranks" in logs, logs[-4000:]
+    assert resumed is not None and noticed < resumed < total, (summary, noticed)
     # Two workers wrote the checkpoints before the preemption, one after it (elastic shrink).
     sizes = {s["iteration"]: len(s["rng"]) for s in checkpoint_states(run_dir)}
     assert sizes[resumed] == 2 and sizes[total] == 1, sizes

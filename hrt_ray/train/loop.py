@@ -452,6 +452,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         report(val, with_checkpoint=False)
 
     meter = Meter()
+    preempt_saved = False  # one just-in-time checkpoint per worker group and notice
     while iteration < cfg.optim.max_iters:
         got_batch = False
         batches = iter_with_timeout(
@@ -497,6 +498,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
             validate_now = iteration % cfg.eval.interval == 0 or iteration == cfg.optim.max_iters
             report_now = validate_now or iteration % cfg.checkpoint.every == 0
+            if not report_now and not preempt_saved and cfg.failure.checkpoint_on_preemption:
+                # A barrier every rank reaches at the same iterations (Ray requires that).
+                notice = ray.train.get_preemption_info()
+                if notice is not None:
+                    report_now = preempt_saved = True
+                    if rank == 0:
+                        print(
+                            f"preemption notice for ranks {notice.preempted_ranks}: "
+                            f"checkpointing at iteration {iteration}",
+                            flush=True,
+                        )
             if report_now:
                 metrics: dict[str, Any] = meter.summary(world)
                 metrics["train/loss"] = _mean_across_workers(metrics["train/loss"], device)

@@ -171,7 +171,10 @@ def build_trainer(
         name=name or cfg.name,
         storage_path=ray_storage_path(cfg),
         callbacks=callbacks,
-        failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+        failure_config=FailureConfig(
+            max_failures=cfg.failure.max_failures,
+            max_preemption_failures=cfg.failure.max_preemption_failures,
+        ),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.checkpoint.keep,
             checkpoint_score_attribute=cfg.checkpoint.metric,
