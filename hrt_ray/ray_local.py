@@ -27,9 +27,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}})
         return
-    # Makes Ray's node-IP lookup answer 127.0.0.1 for this single-node instance; its workers
-    # inherit the variable.
+    # Makes Ray's node-IP lookup answer 127.0.0.1 for this single-node instance. Ray reads the
+    # variable once, when it is first imported (often before this call), so the constant is set
+    # too; the raylet, GCS and workers started below read the variable themselves.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = _free_port()
     ray.init(
