@@ -38,3 +38,15 @@ def test_unknown_command_is_an_error():
     proc = subprocess.run([sys.executable, "-m", "hrt_ray", "trian"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
+
+
+def test_sizes_parse_as_height_by_width_and_bad_ones_name_the_value():
+    import argparse
+
+    import pytest
+
+    assert cli.parse_hw("512x1024") == (512, 1024)
+    assert cli.parse_hw("97X131") == (97, 131)
+    for bad in ("512", "axb", "0x5", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            cli.parse_hw(bad)

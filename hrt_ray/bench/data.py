@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-
-def _hw(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
+from hrt_ray.cli import parse_hw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="a shard set (prepare/synth output): path, s3://, gs://")
-    parser.add_argument("--crop", type=_hw, default=(512, 1024), help="crop HxW (default 512x1024)")
+    parser.add_argument("--crop", type=parse_hw, default=(512, 1024), help="crop HxW (default 512x1024)")
     parser.add_argument("--procs", type=int, nargs="+", default=[2],
                         help="process counts to measure (e.g. 1 2 4); each gets a fresh Ray instance")
     parser.add_argument("--batch", type=int, default=4, help="crops per batch")

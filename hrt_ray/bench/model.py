@@ -18,6 +18,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from hrt_ray.cli import parse_hw
+
 # Official window variants: our name -> (official backbone config name, window size).
 _OFFICIAL_ARCHS = {
     "hrt_small_ocr": ("hrt_small", 7),
@@ -27,19 +29,11 @@ _OFFICIAL_ARCHS = {
 }
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like HxW (e.g. 512x1024), got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"--size must be positive, got {text!r}")
-    return h, w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="hrt_small_ocr", help="model name (see hrt_ray.models.list_models)")
-    parser.add_argument("--size", type=_size, default=(512, 1024), help="input HxW (default 512x1024)")
+    parser.add_argument("--size", type=parse_hw, default=(512, 1024), help="input HxW (default 512x1024)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--window-size", type=int, default=None, help="override the arch's window size")

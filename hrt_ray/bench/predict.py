@@ -17,14 +17,14 @@ import tempfile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hrt_ray.serve.export import parse_size
+    from hrt_ray.cli import parse_hw
 
     parser.add_argument("--config", "-c", help="experiment YAML (model, dataset, eval.* setting)")
     parser.add_argument(
         "--checkpoint", help="checkpoint to use (default: random weights of the config's arch)"
     )
     parser.add_argument("--num", type=int, default=16, help="images (default 16)")
-    parser.add_argument("--size", type=parse_size, default=(256, 512), help="image HxW (default 256x512)")
+    parser.add_argument("--size", type=parse_hw, default=(256, 512), help="image HxW (default 256x512)")
     parser.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)

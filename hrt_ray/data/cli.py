@@ -6,15 +6,7 @@ import argparse
 import logging
 import sys
 
-
-def _hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 128x128, got {text!r}") from exc
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return h, w
+from hrt_ray.cli import parse_hw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--dst", required=True, help="root URI; writes <dst>/train and <dst>/val")
     s.add_argument("--num-train", type=int, default=64)
     s.add_argument("--num-val", type=int, default=16)
-    s.add_argument("--size", type=_hw, default=(128, 128), help="HxW, e.g. 128x128")
+    s.add_argument("--size", type=parse_hw, default=(128, 128), help="HxW, e.g. 128x128")
     s.add_argument("--classes", type=int, default=5, help="classes including the background")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--endpoint", default=None, help=endpoint_help)

@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from hrt_ray.cli import parse_hw
+
 FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 #: Tolerances per format: TorchScript reruns the same kernels; ONNX Runtime has its own.
 TOLERANCE = {"torchscript": (1e-4, 1e-4), "onnx": (1e-3, 1e-3)}
@@ -50,15 +52,6 @@ class ExportResult:
     seconds: float
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"512x1024"`` -> ``(512, 1024)`` (height x width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 512x1024, got {text!r}") from exc
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
 
 
 def default_size(cfg: Any) -> tuple[int, int]:
@@ -233,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir or file (local, s3://, gs://)")
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="torchscript or onnx")
     parser.add_argument(
-        "--size", type=parse_size, help="fixed input HxW (default: eval crop, else training crop)"
+        "--size", type=parse_hw, help="fixed input HxW (default: eval crop, else training crop)"
     )
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")
     parser.add_argument("--out", help="output URI (default: model-HxW.ts/.onnx beside the checkpoint)")
