@@ -75,4 +75,4 @@ def test_export_errors(tmp_path: Path, capsys) -> None:
     assert "gone.pt: checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", "x.pt", "--format", "onnx", "--size", "32by64"])
-    assert "size must be HxW" in capsys.readouterr().err
+    assert "expected HxW such as 512x1024" in capsys.readouterr().err
