@@ -6,6 +6,8 @@ Every bad input here must fail at load time with the key path in the message, i.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,9 +222,14 @@ def test_cli_rejects_bad_sweeps_before_connecting_to_ray(tmp_path: Path, capsys:
     assert "give --config" in capsys.readouterr().err
     assert main(["tune", "--resume", str(tmp_path)]) == 2
     assert "no saved sweep here" in capsys.readouterr().err
-    import sys
-
-    assert "ray" not in sys.modules or sys.modules["ray"].is_initialized() is False
+    # In a fresh process, a bad sweep must fail without even importing Ray (other tests in this
+    # session may have started Ray in this one).
+    code = (
+        "import sys; from hrt_ray.cli import main; rc = main(['tune', '--config', sys.argv[1], "
+        "'search.window_size=[]']); print('RAY', 'ray' in sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(TINY)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "RAY False" in proc.stdout, proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,8 +95,15 @@ class PipelineState:
 
 def _state_actor(seed: int, max_bad_records: int):
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(PipelineState).remote(seed, max_bad_records)
+    # On the driver's node (the head, on a cluster: it outlives worker nodes), and restarted
+    # elsewhere if that node goes anyway: a lost worker node must not take the epoch state with it,
+    # or every restarted worker group fails on its first batch. A restart keeps the seed; the
+    # epoch announcements come again from the new group.
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=node)
+    return actor(PipelineState).remote(seed, max_bad_records)
 
 
 def record_seed(seed: int, epoch: int, key: str) -> int:
