@@ -63,3 +63,52 @@ def test_missing_object_names_the_uri(s3_bucket, tmp_path):
 def test_missing_bucket_names_the_uri(s3_server):
     with pytest.raises(storage.StorageError, match="s3://no-such-bucket-xyz/obj"):
         storage.read_bytes("s3://no-such-bucket-xyz/obj")
+
+
+@pytest.fixture()
+def s3_auth_server():
+    """A second loopback S3 server that checks credentials (moto's IAM auth on from the start)."""
+    import subprocess
+    import sys
+
+    from conftest import _wait_for_port, free_port
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_wrong_credentials_name_the_uri(s3_auth_server, monkeypatch):
+    """Keys the server does not know: every read path says which URI failed and why."""
+    from hrt_ray.data.check import check
+    from hrt_ray.data.codec import DataError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    uri = "s3://shards/cityscapes/train"
+    with pytest.raises(storage.StorageError, match=rf"{uri}/manifest.json: cannot read: .*ACCESS_DENIED"):
+        storage.read_bytes(f"{uri}/manifest.json", endpoint=s3_auth_server)
+    with pytest.raises(storage.StorageError, match=rf"{uri}: cannot list"):
+        storage.list_files(uri, endpoint=s3_auth_server)
+    with pytest.raises((storage.StorageError, DataError), match=uri):
+        check(uri, endpoint=s3_auth_server)
+    # The trainer's path: the shard set is opened on the driver, before any Ray resource.
+    from hrt_ray.config import load_config
+    from hrt_ray.data import build_datasets
+
+    cfg = load_config(
+        None, [f"data.train_uri={uri}", "data.val_uri=s3://shards/v", f"storage.endpoint={s3_auth_server}"]
+    )
+    with pytest.raises((storage.StorageError, DataError), match=uri):
+        build_datasets(cfg)
