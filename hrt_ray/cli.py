@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(args._module)
+    from hrt_ray.config import ConfigError  # stdlib + yaml only: cheap
+
     try:
         return int(module.run(args) or 0)
+    except ConfigError as exc:  # a broken config fails here, before any cluster resource
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

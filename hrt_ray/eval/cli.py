@@ -19,13 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import ConfigError, load_config
+    from hrt_ray.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
 
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.ray_local import ensure_ray

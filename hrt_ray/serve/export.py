@@ -234,13 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import ConfigError, load_config
+    from hrt_ray.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.batch < 1:
         print("error: --batch must be >= 1", file=sys.stderr)
         return 2
