@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hrt_ray.models.attention import LocalWindowAttention
-from hrt_ray.models.layers import conv_bn, fold_bn, folds_bn, run_folded
+from hrt_ray.models.layers import bn_gelu, conv_bn, fold_bn, folds_bn, pointwise, run_folded, to_nchw, to_nhwc
 
 BN_MOMENTUM = 0.1
 STEM_CHANNELS = 64
@@ -93,24 +93,6 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)
 
 
-def _to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W, C)`` -> an NCHW view of the same memory (channels-last strides): no copy."""
-    return x.permute(0, 3, 1, 2)
-
-
-def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
-
-
-def _pointwise(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
-    """A 1x1 convolution on a channels-last ``(B, H, W, C)`` tensor as one matrix product
-    (with ``bn`` folded in when given, eval only)."""
-    weight, bias = conv.weight.flatten(1), conv.bias
-    if bn is not None:
-        weight, bias = fold_bn(weight, bias, bn)
-    return F.linear(x, weight, bias)
-
-
 class Bottleneck(nn.Module):
     """ResNet bottleneck of stage 1 (official ``Bottleneck``; expansion 4)."""
 
@@ -157,14 +139,14 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if folds_bn(self.norm1):  # eval: each BN folded into the convolution before it
-            y = self.act1(_pointwise(x, self.fc1, self.norm1))
+            y = self.act1(pointwise(x, self.fc1, self.norm1))
             w, b = fold_bn(self.dw3x3.weight, self.dw3x3.bias, self.norm2)
-            y = self.act2(F.conv2d(_to_nchw(y), w, b, padding=1, groups=self.dw3x3.groups))
-            return self.act3(_pointwise(_to_nhwc(y), self.fc2, self.norm3))
-        y = self.act1(self.norm1(_to_nchw(_pointwise(x, self.fc1))))
-        y = self.act2(self.norm2(self.dw3x3(y.contiguous(memory_format=torch.channels_last))))
-        y = _pointwise(_to_nhwc(y), self.fc2)
-        return _to_nhwc(self.act3(self.norm3(_to_nchw(y))))
+            y = self.act2(F.conv2d(to_nchw(y), w, b, padding=1, groups=self.dw3x3.groups))
+            return self.act3(pointwise(to_nhwc(y), self.fc2, self.norm3))
+        y = bn_gelu(to_nchw(pointwise(x, self.fc1)), self.norm1, self.act1)
+        y = bn_gelu(self.dw3x3(y.contiguous(memory_format=torch.channels_last)), self.norm2, self.act2)
+        y = pointwise(to_nhwc(y), self.fc2)
+        return to_nhwc(bn_gelu(to_nchw(y), self.norm3, self.act3))
 
 
 class TransformerBlock(nn.Module):
@@ -181,10 +163,14 @@ class TransformerBlock(nn.Module):
         self.mlp = ConvFFN(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = _to_nhwc(x)  # NCHW in, NCHW out; channels-last inside
+        # NCHW in, NCHW out (a view of channels-last memory). Inside, (B, H, W, C) must be
+        # contiguous: with channels-first memory here, the residual adds would give the gradients
+        # a different layout from the saved activations, and GELU/BN backward fall back to slow
+        # strided kernels. After the first block of a branch this is free (already contiguous).
+        t = to_nhwc(x).contiguous()
         t = t + self.drop_path(self.attn(self.norm1(t)))
         t = t + self.drop_path(self.mlp(self.norm2(t)))
-        return _to_nchw(t)
+        return to_nchw(t)
 
 
 def _fuse_layer(in_ch: list[int], i: int, j: int) -> nn.Module:

@@ -10,6 +10,7 @@ so nothing about the modules or their state_dict changes and training mode is un
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,6 +45,35 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     return bn(conv(x))
 
 
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, C)`` -> an NCHW view of the same memory (channels-last strides): no copy."""
+    return x.permute(0, 3, 1, 2)
+
+
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """NCHW -> a ``(B, H, W, C)`` view; contiguous when ``x`` is in channels-last memory."""
+    return x.permute(0, 2, 3, 1)
+
+
+def pointwise(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+    """A 1x1 convolution on a channels-last ``(B, H, W, C)`` tensor as one matrix product
+    (with ``bn`` folded in when given, eval only)."""
+    weight, bias = conv.weight.flatten(1), conv.bias
+    if bn is not None:
+        weight, bias = fold_bn(weight, bias, bn)
+    return F.linear(x, weight, bias)
+
+
+def pointwise_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn_relu: nn.Sequential) -> torch.Tensor:
+    """``bn_relu(conv(x))`` on channels-last ``(B, H, W, C)``, ``bn_relu`` being the official
+    ``BNReLU`` (``Sequential(BatchNorm2d, ReLU)``, or ``SyncBatchNorm`` after conversion). The BN
+    runs on an NCHW view of channels-last memory (its fast layout on CPU), or is folded in eval."""
+    bn = bn_relu[0]
+    if folds_bn(bn):
+        return bn_relu[1:](pointwise(x, conv, bn))
+    return to_nhwc(bn_relu(to_nchw(pointwise(x, conv))))
+
+
 def _starts_with_bn(seq: nn.Sequential) -> bool:
     return len(seq) > 0 and isinstance(seq[0], nn.BatchNorm2d)
 
@@ -70,3 +100,59 @@ def run_folded(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = m(x)
         i += 1
     return x
+
+
+class _BatchNormGELU(torch.autograd.Function):
+    """``gelu(batch_norm(x))`` in training mode that keeps only ``x`` and the batch statistics for
+    backward and recomputes the normalised tensor there (one elementwise pass).
+
+    Autograd on the two modules keeps both the BN input (for BN backward) and the BN output (for
+    GELU backward). In the transformer blocks' FFN that is two hidden-width (4x) tensors per block
+    kept only to be re-derivable from each other; dropping one per pair cuts the backbone's
+    activation memory by about a fifth at the cost of one cheap pass in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, approximate):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        ctx.approximate = approximate
+        return torch.nn.functional.gelu(y, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        # The normalised tensor again, from the saved batch statistics (var = invstd^-2 - eps).
+        var = invstd.pow(-2) - ctx.eps
+        y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, ctx.eps)
+        grad = grad.contiguous(memory_format=_layout(x))  # same layout as x: the fast kernels
+        grad_y = torch.ops.aten.gelu_backward(grad, y, approximate=ctx.approximate)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def bn_gelu(x: torch.Tensor, bn: nn.BatchNorm2d, act: nn.GELU) -> torch.Tensor:
+    """``act(bn(x))``; in training, through :class:`_BatchNormGELU` (less activation memory).
+
+    Anything but a plain training-mode ``BatchNorm2d`` with running statistics and a momentum
+    (``SyncBatchNorm`` after conversion, eval mode, no grad) runs the modules as they are.
+    """
+    plain = type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.momentum is not None
+    if not (plain and bn.training and torch.is_grad_enabled()):
+        return act(bn(x))
+    assert bn.num_batches_tracked is not None
+    bn.num_batches_tracked.add_(1)
+    return _BatchNormGELU.apply(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps, act.approximate
+    )

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrt_ray.models.layers import run_folded
+from hrt_ray.models.layers import fold_bn, folds_bn, pointwise, pointwise_bn_relu, to_nchw, to_nhwc
+from hrt_ray.models.upsample_conv import upsample_concat_conv3x3
 
 OCR_MID_CHANNELS = 512
 OCR_KEY_CHANNELS = 256
@@ -30,17 +31,25 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 1), _bn_relu(cout)]
 
 
+def _conv_bn_relus(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run ``Conv2d(1x1), BNReLU, Conv2d(1x1), BNReLU, ...`` on channels-last ``(B, H, W, C)``."""
+    mods = list(seq)
+    for conv, bn_relu in zip(mods[0::2], mods[1::2], strict=True):
+        x = pointwise_bn_relu(x, conv, bn_relu)
+    return x
+
+
 class SpatialGather(nn.Module):
-    """Soft object regions: ``(B, C, H, W)`` features, ``(B, K, H, W)`` logits -> ``(B, C, K, 1)``."""
+    """Soft object regions: features ``(B, H, W, C)`` and logits ``(B, H, W, K)`` -> ``(B, K, 1, C)``
+    (the official ``(B, C, K, 1)`` proxy, channels-last)."""
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        probs = logits.flatten(2).softmax(dim=2)  # B, K, HW
-        context = probs @ feats.flatten(2).transpose(1, 2)  # B, K, C
-        return context.transpose(1, 2).unsqueeze(3)
+        probs = logits.flatten(1, 2).softmax(dim=1)  # B, HW, K: each class's distribution over space
+        return (probs.transpose(1, 2) @ feats.flatten(1, 2)).unsqueeze(2)  # B, K, 1, C
 
 
 class ObjectAttentionBlock(nn.Module):
-    """Pixel-to-object attention (official ``ObjectAttentionBlock2D``, scale 1)."""
+    """Pixel-to-object attention (official ``ObjectAttentionBlock2D``, scale 1), channels-last."""
 
     def __init__(self, in_channels: int, key_channels: int) -> None:
         super().__init__()
@@ -55,13 +64,13 @@ class ObjectAttentionBlock(nn.Module):
         self.f_up = nn.Sequential(*_conv_bn_relu(key_channels, in_channels))
 
     def forward(self, x: torch.Tensor, proxy: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        query = run_folded(self.f_pixel, x).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, HW, Ck
-        key = run_folded(self.f_object, proxy).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, K, Ck
-        value = run_folded(self.f_down, proxy).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, K, Ck
+        """``x`` ``(B, H, W, C)``, ``proxy`` ``(B, K, 1, C)`` -> ``(B, H, W, C)``."""
+        b, h, w, _ = x.shape
+        query = _conv_bn_relus(self.f_pixel, x).reshape(b, 1, h * w, self.key_channels)
+        key = _conv_bn_relus(self.f_object, proxy).flatten(1, 2).unsqueeze(1)  # B, 1, K, Ck
+        value = _conv_bn_relus(self.f_down, proxy).flatten(1, 2).unsqueeze(1)
         context = F.scaled_dot_product_attention(query, key, value)  # softmax(q k^T / sqrt(Ck)) v
-        context = context.squeeze(1).transpose(1, 2).reshape(b, self.key_channels, h, w)
-        return run_folded(self.f_up, context)
+        return _conv_bn_relus(self.f_up, context.view(b, h, w, self.key_channels))
 
 
 class SpatialOCR(nn.Module):
@@ -75,8 +84,11 @@ class SpatialOCR(nn.Module):
         )
 
     def forward(self, feats: torch.Tensor, proxy: torch.Tensor) -> torch.Tensor:
+        """Channels-last ``(B, H, W, C)`` features and ``(B, K, 1, C)`` proxy -> ``(B, H, W, C_out)``."""
         context = self.object_context_block(feats, proxy)
-        return run_folded(self.conv_bn_dropout, torch.cat([context, feats], 1))
+        conv, bn_relu, dropout = self.conv_bn_dropout
+        fused = pointwise_bn_relu(torch.cat([context, feats], -1), conv, bn_relu)
+        return to_nhwc(dropout(to_nchw(fused)))
 
 
 class HRTOCR(nn.Module):
@@ -106,22 +118,32 @@ class HRTOCR(nn.Module):
             nn.Conv2d(OCR_MID_CHANNELS, num_classes, 1),
         )
 
+    def _upsampled_conv_bn_relu(self, xs: list[torch.Tensor], seq: nn.Sequential) -> torch.Tensor:
+        """``seq[1](seq[0](cat(upsampled branches)))`` (3x3 conv, BNReLU) as channels-last
+        ``(B, H, W, C)``, without building the upsampled concatenation (``upsample_conv.py``);
+        BN folded in eval."""
+        conv, bn_relu = seq[0], seq[1]
+        weight, bias = conv.weight, conv.bias
+        if folds_bn(bn_relu[0]):
+            weight, bias = fold_bn(weight, bias, bn_relu[0])
+            bn_relu = bn_relu[1:]
+        size = (xs[0].shape[-2], xs[0].shape[-1])
+        return to_nhwc(bn_relu(upsample_concat_conv3x3(xs, size, weight, bias)))
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         xs = self.backbone(images)
-        size = xs[0].shape[-2:]
-        feats = torch.cat(
-            [xs[0], *(F.interpolate(x, size=size, mode="bilinear", align_corners=True) for x in xs[1:])], 1
-        )
-        aux = run_folded(self.aux_head, feats)
-        feats = run_folded(self.conv3x3, feats)
+        # The head runs channels-last (B, H, W, C): its 1x1 convolutions are matrix products on the
+        # last dimension and its BNs take their fast layout; logits go back to NCHW (small).
+        aux = pointwise(self._upsampled_conv_bn_relu(xs, self.aux_head), self.aux_head[2])
+        feats = self._upsampled_conv_bn_relu(xs, self.conv3x3)
         context = self.ocr_gather_head(feats, aux)
-        out = self.cls_head(self.ocr_distri_head(feats, context))
+        out = pointwise(self.ocr_distri_head(feats, context), self.cls_head)
         full = images.shape[-2:]
         return {
-            "out": F.interpolate(out, size=full, mode="bilinear", align_corners=True),
-            "aux": F.interpolate(aux, size=full, mode="bilinear", align_corners=True),
+            "out": F.interpolate(to_nchw(out).contiguous(), size=full, mode="bilinear", align_corners=True),
+            "aux": F.interpolate(to_nchw(aux).contiguous(), size=full, mode="bilinear", align_corners=True),
         }
