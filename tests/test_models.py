@@ -143,6 +143,37 @@ def test_outputs_equal_the_official_implementation(name: str) -> None:
         assert diff <= 1e-4 * scale, f"{key}: max |diff| {diff:.3g} vs max |official| {scale:.3g}"
 
 
+def test_training_step_equals_the_official_implementation() -> None:
+    """Training mode (batch-statistics BN, running-statistics updates, backward through the
+    factorised head, the channels-last blocks and the recomputing BN+GELU) against the official
+    model's outputs, gradients and updated running statistics for the same weights, input and
+    loss, all in float64 (in float32 both sides' gradients carry ~1e-3 relative rounding noise
+    from the batch-statistics BNs, too loose to tell a real difference). Drop path and dropout
+    are off on both sides (random)."""
+    expected = torch.load(FIXTURES / "official_outputs.pt", weights_only=True)["hrt_small_ocr_train"]
+    model = build_model("hrt_small_ocr", num_classes=19, drop_path_rate=0.0)
+    model.load_state_dict(reference_state_dict(model.state_dict()), strict=True)
+    model.ocr_distri_head.conv_bn_dropout[2].p = 0.0
+    model.double().train()
+    out = model(expected["images"])
+    (out["out"].square().mean() + 0.4 * out["aux"].square().mean()).backward()
+    for key in ("out", "aux"):
+        torch.testing.assert_close(out[key].float(), expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    for key, want in expected["grads"].items():
+        got = params[key].grad[: want.shape[0]].float()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item(), msg=key)
+    # Every parameter's gradient, through its norm (biases right before a training-mode BN have
+    # a gradient that is zero up to rounding: compared on the largest norm's scale).
+    norms = expected["grad_norms"]
+    assert set(norms) == set(params)
+    largest = max(n.item() for n in norms.values())
+    for key, want in norms.items():
+        torch.testing.assert_close(params[key].grad.norm(), want, rtol=1e-6, atol=1e-9 * largest, msg=key)
+    for key, want in expected["running"].items():
+        torch.testing.assert_close(buffers[key].float(), want, rtol=1e-5, atol=1e-7, msg=key)
+
+
 # --------------------------------------------------------------------------------------------------
 # Speed options keep the arithmetic
 # --------------------------------------------------------------------------------------------------

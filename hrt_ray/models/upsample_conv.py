@@ -25,6 +25,8 @@ would cost about as much as the convolution) are upsampled and convolved directl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -33,6 +35,19 @@ import torch.nn.functional as F
 # Factorise a branch only when that needs at most this fraction of the direct convolution's
 # multiply-adds: the thin matrix products run at a lower rate than a large convolution.
 FACTORISE_BELOW = 0.5
+_enabled = True
+
+
+@contextmanager
+def factorisation(enabled: bool) -> Iterator[None]:
+    """Switch the factorised path off (``False``) inside the block, e.g. to count the FLOPs of the
+    plain upsample-then-convolve arithmetic or to time it against the factorised one."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 @lru_cache(maxsize=64)
@@ -101,8 +116,8 @@ def upsample_concat_conv3x3(
     for x, part in zip(xs, weight.split(channels, 1), strict=True):
         _, c, h, w = x.shape
         resized = (h, w) != (out_h, out_w)
-        direct_cost = out_h * out_w * c * 9 * k
-        if resized and _factorised_cost(c, h, w, k, out_h, out_w) < FACTORISE_BELOW * direct_cost:
+        cheaper = _factorised_cost(c, h, w, k, out_h, out_w) < FACTORISE_BELOW * out_h * out_w * c * 9 * k
+        if _enabled and resized and cheaper:
             factorised.append(_upsample_conv_factorised(x, part, size))
             continue
         x = x.contiguous(memory_format=torch.channels_last)
