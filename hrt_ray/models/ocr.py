@@ -6,6 +6,11 @@ coarse logits from them; their per-class softmax over space gathers one feature 
 (the "object regions"), every pixel attends to those vectors (key width 256), and the context is
 concatenated with the pixel features before the classifier. Both outputs are returned at the
 input resolution; the loss lives in the trainer, not here.
+
+Same arithmetic as the official head, laid out for speed: the two 3x3 convolutions on the
+upsampled concatenation never build it (``upsample_conv.py``), and everything after them runs
+channels-last ``(B, H, W, C)``, where the 1x1 convolutions are matrix products on the last
+dimension and BN takes its fast layout.
 """
 
 from __future__ import annotations

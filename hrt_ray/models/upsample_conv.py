@@ -50,7 +50,6 @@ def factorisation(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
-@lru_cache(maxsize=64)
 def _tap_matrix_f64(n_in: int, n_out: int) -> torch.Tensor:
     """``(n_out, 3 * n_in)``: bilinear (align_corners=True) resampling ``n_in -> n_out`` for the
     three taps of a 3x3 convolution with padding 1, side by side: block ``d`` maps input row ``i``
@@ -70,8 +69,18 @@ def _tap_matrix_f64(n_in: int, n_out: int) -> torch.Tensor:
     return torch.cat(taps, 1)
 
 
-def tap_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+@lru_cache(maxsize=128)
+def _cached_tap_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _tap_matrix_f64(n_in, n_out).to(device=device, dtype=dtype)
+
+
+def tap_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`_tap_matrix_f64` in ``dtype`` on ``device``, cached per size, dtype and device (no
+    host-to-device copy per forward on GPU). Under torch.compile it is built in the graph
+    instead, since dynamo does not honour ``lru_cache``."""
+    if torch.compiler.is_compiling():
+        return _tap_matrix_f64(n_in, n_out).to(device=device, dtype=dtype)
+    return _cached_tap_matrix(n_in, n_out, dtype, device)
 
 
 def _factorised_cost(c: int, h: int, w: int, k: int, out_h: int, out_w: int) -> int:
