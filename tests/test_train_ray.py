@@ -138,8 +138,11 @@ def test_interrupted_run_resumes_at_the_same_iteration(
         fit(cfg, fault={"crash_at_iter": 4, "marker": str(tmp_path / "crashed")})
     assert (tmp_path / "crashed").exists()
     summary = fit(cfg)
-    # Checkpoints every iteration; allow one back (the controller polls reports every 2 s).
-    assert summary.resumed_from in (2, 3)
+    # Checkpoints every iteration. Ray registers a checkpoint when its controller collects the
+    # round's reports from every worker (one queued report per worker, polled every 2 s, and a
+    # dead worker's pending report is lost), so the last one or two reported rounds before the
+    # crash at iteration 4 may not count: resuming from 1, 2 or 3 is right, from 0 is not.
+    assert summary.resumed_from in (1, 2, 3)
     assert summary.iteration == 5
     assert summary.checkpoint.startswith(f"{s3_bucket}/runs/interrupted/checkpoint_")
     from hrt_ray import storage
@@ -163,7 +166,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(
     )
     summary = fit(cfg, fault={"crash_at_iter": 4, "marker": str(tmp_path / "crashed")})
     assert (tmp_path / "crashed").exists(), "the fault was injected"
-    assert summary.resumed_from in (2, 3)
+    assert summary.resumed_from in (1, 2, 3)  # see test_interrupted_run_resumes_at_the_same_iteration
     assert summary.iteration == 5
     states = checkpoints(Path(summary.run_dir))
     assert max(s["iteration"] for s in states) == 5

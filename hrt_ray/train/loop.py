@@ -353,10 +353,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resumed_from: int | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        from hrt_ray.train.state import load_state
+        from hrt_ray.train.state import load_reported_state
 
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_state(ckpt_dir)
+        state = load_reported_state(checkpoint)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -93,6 +93,23 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_reported_state(checkpoint: Any) -> dict[str, Any]:
+    """Load the state of a ``ray.train.Checkpoint`` straight from its filesystem, into memory.
+
+    Not through ``Checkpoint.as_directory()``: for remote storage that shares one download
+    directory per node between the workers of a run, and a worker that gets there after the first
+    download finished downloads again over the file another worker is still reading (seen as
+    ``PytorchStreamReader failed reading file data/...`` on resume from S3).
+    """
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+    except (OSError, FileNotFoundError) as exc:
+        raise FileNotFoundError(f"{path}: cannot read the checkpoint ({exc})") from exc
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model under DDP / torch.compile wrappers (its state_dict keys are portable)."""
     while True:
