@@ -1,12 +1,14 @@
-"""Convolution + BatchNorm evaluated as one convolution in eval mode (BN folding on the fly).
+"""The small pieces the backbone and the head share, all about doing the same arithmetic with
+fewer passes over memory: BN folding, 1x1 convolutions on channels-last tensors, BN+GELU.
 
 Profiles of HRFormer on CPU are dominated by convolutions and the BN/activation passes around
 them. In eval mode a BN after a convolution is an affine map with fixed statistics, so it can be
 folded into the convolution's weight and bias: one pass over the activation instead of two. The
 folded weights are computed from the modules' own parameters at each call (cheap: weight-sized),
 so nothing about the modules or their state_dict changes and training mode is untouched.
+A 1x1 convolution on a ``(B, H, W, C)`` tensor is one matrix product on the last dimension
+(``pointwise``). In training, ``bn_gelu`` keeps less for backward (see ``_BatchNormGELU``).
 """
-
 from __future__ import annotations
 
 import torch
@@ -120,14 +122,14 @@ class _BatchNormGELU(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.approximate = approximate
-        return torch.nn.functional.gelu(y, approximate=approximate)
+        return F.gelu(y, approximate=approximate)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         # The normalised tensor again, from the saved batch statistics (var = invstd^-2 - eps).
         var = invstd.pow(-2) - ctx.eps
-        y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, ctx.eps)
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, ctx.eps)
         grad = grad.contiguous(memory_format=_layout(x))  # same layout as x: the fast kernels
         grad_y = torch.ops.aten.gelu_backward(grad, y, approximate=ctx.approximate)
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
