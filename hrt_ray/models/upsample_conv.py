@@ -138,7 +138,7 @@ def upsample_concat_conv3x3(
     if direct_x:
         x = torch.cat(direct_x, 1) if len(direct_x) > 1 else direct_x[0]
         w = torch.cat(direct_w, 1) if len(direct_w) > 1 else direct_w[0]
-        out = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, bias, padding=1)
+        out = F.conv2d(x, w, bias, padding=1)  # x is channels-last: each part was made so
         out = out.permute(0, 2, 3, 1).contiguous()  # a view: the convolution keeps channels-last
         bias = None
     for y in factorised:  # not in place: on a view that would make autograd copy the whole base

@@ -105,7 +105,7 @@ def load_reported_state(checkpoint: Any) -> dict[str, Any]:
     try:
         with checkpoint.filesystem.open_input_stream(path) as stream:
             data = stream.read()
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:  # FileNotFoundError included
         raise FileNotFoundError(f"{path}: cannot read the checkpoint ({exc})") from exc
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
