@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint bench clean-venv
+.PHONY: train test test-fast lint bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ train: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hrt_ray tests jobs benchmarks
 
+# Everything (what CI runs): real Ray clusters and an S3-compatible server on loopback.
 test: lint
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests --durations=15
+
+# The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).
+test-fast: lint
+	$(VENV)/bin/python -m pytest tests -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(VENV)/bin/hrt-ray bench model

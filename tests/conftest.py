@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+#: Fixtures that start a server or a Ray instance: a test using one (directly or through another
+#: fixture) belongs to the slow tier, whatever its module says.
+SERVER_FIXTURES = frozenset({"ray_session", "s3_server", "s3_bucket"})
+
 # Fake credentials for the loopback S3 server; set before anything (Ray workers included)
 # starts, so every process sees the same standard credential chain.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -34,6 +38,28 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put every test that needs a server fixture in the ``slow`` tier.
+
+    ``make test-fast`` runs ``-m "not slow"``: the unit tier, with no Ray cluster and no S3
+    server. Marking by fixture keeps a new S3 or Ray test out of the fast tier without anyone
+    having to remember the marker.
+    """
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """A unit-tier test must not leave a Ray instance behind: it would belong in the slow tier."""
+    if item.get_closest_marker("slow") is None and "ray" in sys.modules:
+        ray = sys.modules["ray"]
+        if getattr(ray, "is_initialized", lambda: False)():
+            ray.shutdown()
+            pytest.fail(f"{item.nodeid} started Ray but is not marked slow", pytrace=False)
 
 
 def free_port() -> int:

@@ -7,6 +7,11 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
+# Starts a Ray instance (in a subprocess).
+pytestmark = pytest.mark.slow
+
 SCRIPT = """
 import ray  # imported before ensure_ray, as the CLIs do: Ray has read its constants already
 from hrt_ray.ray_local import ensure_ray
