@@ -6,9 +6,12 @@ Every bad input here must fail at load time with the key path in the message, i.
 
 from __future__ import annotations
 
+import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -299,7 +302,7 @@ def test_asha_rungs_survive_a_restart_of_the_scheduler(tmp_path: Path):
 
     def scheduler() -> ResumableASHA:
         return ResumableASHA(
-            state_uri=str(tmp_path / "asha-state.pkl"),
+            state_uri=str(tmp_path / "asha-state.json"),
             time_attr="iteration",
             metric="val/mIoU",
             mode="max",
@@ -319,7 +322,7 @@ def test_asha_rungs_survive_a_restart_of_the_scheduler(tmp_path: Path):
     # ...which still stops a trial below the finished one at the first rung.
     assert again.on_trial_result(None, worse, {"iteration": 2, "val/mIoU": 0.1}) == "STOP"
     fresh = ResumableASHA(
-        state_uri=str(tmp_path / "other.pkl"),
+        state_uri=str(tmp_path / "other.json"),
         time_attr="iteration",
         metric="val/mIoU",
         mode="max",
@@ -329,6 +332,50 @@ def test_asha_rungs_survive_a_restart_of_the_scheduler(tmp_path: Path):
     )
     fresh.on_trial_add(None, worse)
     assert fresh.on_trial_result(None, worse, {"iteration": 2, "val/mIoU": 0.1}) == "CONTINUE"
+
+
+def _asha(state_uri: str, **overrides: Any) -> Any:
+    from hrt_ray.tune.scheduler import ResumableASHA
+
+    kwargs = dict(
+        time_attr="iteration", metric="val/mIoU", mode="max", max_t=8, grace_period=2, reduction_factor=2
+    )
+    return ResumableASHA(state_uri=state_uri, **{**kwargs, **overrides})
+
+
+def test_asha_state_is_json_data_not_a_pickle(tmp_path: Path):
+    """The sweep directory is shared storage: its state must be data, never code to unpickle."""
+    uri = str(tmp_path / "asha-state.json")
+    first, trial = _asha(uri), _Trial("a")
+    first.on_trial_add(None, trial)
+    first.on_trial_result(None, trial, {"iteration": 2, "val/mIoU": 0.5})
+    saved = json.loads(Path(uri).read_text())
+    assert saved["metric"] == "val/mIoU" and saved["trial_brackets"] == {"a": 0}
+    assert [r["milestone"] for r in saved["brackets"][0]] == [8.0, 4.0, 2.0]
+    assert saved["brackets"][0][-1]["recorded"] == {"a": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (pickle.dumps({"_num_stopped": 0}), "not valid JSON"),
+        (b'{"version": 1, "metric": "val/loss", "mode": "max"}', "metric: saved 'val/loss'"),
+        (None, "rung milestones differ"),
+    ],
+)
+def test_asha_refuses_state_that_does_not_fit_the_sweep(tmp_path: Path, content: Any, message: str):
+    from hrt_ray.tune.scheduler import SchedulerStateError
+
+    uri = tmp_path / "asha-state.json"
+    if content is None:  # a state written by a sweep with another max_t
+        other = _asha(str(uri), max_t=16)
+        other.on_trial_add(None, _Trial("a"))
+        other.on_trial_result(None, _Trial("a"), {"iteration": 2, "val/mIoU": 0.5})
+    else:
+        uri.write_bytes(content)
+    with pytest.raises(SchedulerStateError, match=message) as info:
+        _asha(str(uri)).on_trial_add(None, _Trial("b"))
+    assert str(uri) in str(info.value)
 
 
 def test_reports_without_a_fresh_metric_never_reach_tune():

@@ -93,7 +93,7 @@ def concurrency(sweep: Sweep, cfg: ExperimentConfig) -> int:
 
 
 #: ASHA's rung records in the sweep directory (see hrt_ray.tune.scheduler).
-ASHA_STATE_FILE = "asha-state.pkl"
+ASHA_STATE_FILE = "asha-state.json"
 
 
 def _scheduler(sweep: Sweep) -> Any:
