@@ -12,6 +12,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -355,10 +356,11 @@ def _check_range(value: Sequence[float], path: str) -> None:
         raise ConfigError(f"{path}: must be [low, high] with 0 < low <= high, got {list(value)}")
 
 
-def _suggest(key: str, allowed: Sequence[str]) -> str:
+def suggest(key: str, allowed: Sequence[str], label: str = "Allowed") -> str:
+    """``"; did you mean 'lr'? Allowed: ..."``: the one "did you mean" helper of the package."""
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} Allowed: {', '.join(sorted(allowed))}"
+    return f"{hint} {label}: {', '.join(sorted(allowed))}"
 
 
 def _type_name(tp: Any) -> str:
@@ -441,7 +443,7 @@ def _merge_into(current: Any, data: Mapping[str, Any], path: str) -> Any:
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"{key_path}: unknown key{_suggest(str(key), names)}")
+            raise ConfigError(f"{key_path}: unknown key{suggest(str(key), names)}")
         existing = getattr(current, key)
         if dataclasses.is_dataclass(existing) and isinstance(value, Mapping):
             _merge_into(existing, value, key_path)
@@ -470,25 +472,66 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set dotted ``KEY=VALUE`` pairs into a raw config mapping (validated later, by type)."""
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], schema: type | None = None
+) -> dict[str, Any]:
+    """Set dotted ``KEY=VALUE`` pairs into a raw config mapping (validated later, by type).
+
+    Keys are checked against ``schema`` (a config dataclass; default :class:`ExperimentConfig`)
+    as far as it has sections; below a free-form mapping field (a sweep's ``experiment:``),
+    keys are set as given and checked when that mapping is built.
+    """
     for item in overrides:
         parts, value = _parse_override(item)
-        cls: Any = ExperimentConfig
+        cls: Any = schema or ExperimentConfig
         node = data
         for depth, part in enumerate(parts):
-            names = [f.name for f in dataclasses.fields(cls)]
-            if part not in names:
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {item!r}: {where}: unknown key{_suggest(part, names)}")
+            where = ".".join(parts[: depth + 1])
+            if cls is not None:
+                names = [f.name for f in dataclasses.fields(cls)]
+                if part not in names:
+                    raise ConfigError(f"override {item!r}: {where}: unknown key{suggest(part, names)}")
             if depth == len(parts) - 1:
                 node[part] = value
-            else:
+                break
+            if cls is not None:
                 cls = typing.get_type_hints(cls)[part]
-                if not dataclasses.is_dataclass(cls):
-                    raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
-                node = node.setdefault(part, {})
+                if dataclasses.is_dataclass(cls):
+                    pass
+                elif typing.get_origin(cls) is dict or cls is dict:
+                    cls = None  # free-form below this key
+                else:
+                    raise ConfigError(f"override {item!r}: {where} is not a section")
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {where} is not a section")
+            node = child
     return data
+
+
+def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The top-level mapping of a YAML file, with the file named in every error."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return dict(loaded or {})
+
+
+def deep_merge(into: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``data`` into ``into`` section by section (values are copied, not shared)."""
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -497,17 +540,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data = dict(loaded or {})
+        data = read_mapping(path)
     try:
         data = apply_overrides(data, overrides)
         cfg = _build(ExperimentConfig, data, "")

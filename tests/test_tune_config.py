@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,20 @@ def test_overrides_reach_sweep_and_experiment_keys():
     assert sweep.config.num_samples == 3 and sweep.config.scheduler.kind == "fifo"
     assert sweep.config.search.lr.grid == [1e-3] and sweep.base.optim.max_iters == 6
     assert sweep.directory.endswith("/sweeps/other")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("num_sample=2", "num_sample: unknown key; did you mean 'num_samples'?"),
+        ("scheduler.grace=5", "scheduler.grace: unknown key; did you mean 'grace_period'?"),
+        ("experiment.optim.lrr=1e-3", "optim.lrr: unknown key; did you mean 'lr'?"),
+    ],
+)
+def test_sweep_overrides_are_checked_like_experiment_overrides(override: str, message: str):
+    """One override parser serves experiments and sweeps: the same key check and suggestion."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_sweep(TINY, [override])
 
 
 def test_trial_run_names_are_unique_readable_and_valid():
@@ -385,3 +400,18 @@ def test_reports_without_a_fresh_metric_never_reach_tune():
 
     assert fresh(0.0) and fresh(0.41) and fresh(3)
     assert not any(fresh(v) for v in (-UNSCORED, UNSCORED, float("-inf"), float("nan"), None, True))
+
+
+def test_every_search_key_maps_to_a_config_key_of_its_type():
+    """One table maps search keys to experiment keys; a renamed config key breaks it here."""
+    import dataclasses
+
+    from hrt_ray.config import ExperimentConfig, to_dict
+    from hrt_ray.tune.config import SEARCH_KEYS, SearchSpace, config_value
+
+    space_fields = {f.name for f in dataclasses.fields(SearchSpace)} - {"pretrained"}
+    assert {k.name for k in SEARCH_KEYS} == space_fields
+    defaults = to_dict(ExperimentConfig())
+    for key in SEARCH_KEYS:
+        value = config_value(defaults, key.path)  # KeyError on a path that does not exist
+        assert value is None or isinstance(value, key.kind), key

@@ -18,19 +18,29 @@ sweep file in well under a second, before torch or Ray load.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from hrt_ray.config import ConfigError, ExperimentConfig, build_checked, from_dict, load_config, to_dict
+from hrt_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    build_checked,
+    deep_merge,
+    from_dict,
+    load_config,
+    read_mapping,
+    suggest,
+    to_dict,
+)
 
 #: File in the sweep directory holding the resolved sweep (what ``--resume`` runs).
 SWEEP_FILE = "sweep.yaml"
@@ -49,6 +59,53 @@ STEP_METRICS = (
     "perf/step_time_s",
 )
 _PER_CLASS = re.compile(r"^val/IoU/\d+$")
+
+
+@dataclass(frozen=True)
+class SearchKey:
+    """One searchable key: where it goes in the experiment and how it is written.
+
+    This table is the one place that knows the mapping; the search space, the trial configs,
+    the trial run names, Tune's param space and the results table all read it.
+    """
+
+    #: The key under ``search:`` and in a trial's params.
+    name: str
+    #: Dotted path of the experiment config key it sets.
+    path: str
+    #: Type a trial's value is converted to before it goes into the config.
+    kind: type
+    #: Its part of a trial run name (``w13``, ``lr2.0e-04``).
+    run_label: Callable[[Any], str]
+    #: Its cell in the results table.
+    cell: Callable[[Any], str]
+
+
+SEARCH_KEYS: tuple[SearchKey, ...] = (
+    SearchKey("window_size", "model.window_size", int, lambda v: f"w{int(v)}", str),
+    SearchKey("lr", "optim.lr", float, lambda v: f"lr{float(v):.1e}", lambda v: f"{float(v):.2e}"),
+    SearchKey("backbone", "model.arch", str, str, str),
+    SearchKey(
+        "ohem_thresh", "loss.ohem_thresh", float, lambda v: f"ohem{float(v):g}", lambda v: f"{float(v):g}"
+    ),
+)
+SEARCH_KEY = {k.name: k for k in SEARCH_KEYS}
+
+
+def config_value(data: Mapping[str, Any], path: str) -> Any:
+    """``data["model"]["arch"]`` for ``path="model.arch"``."""
+    node: Any = data
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
 
 
 @dataclass
@@ -113,28 +170,20 @@ class SearchSpace:
                 f"{path}.lr.grid, {path}.lr.loguniform, {path}.backbone, {path}.ohem_thresh"
             )
 
+    def grid(self, name: str) -> list[Any] | None:
+        """The grid of search key ``name`` (``None``: not searched on a grid)."""
+        return self.lr.grid if name == "lr" else getattr(self, name)
+
+    def searched(self, name: str) -> bool:
+        return self.lr.searched if name == "lr" else self.grid(name) is not None
+
     def dimensions(self) -> list[str]:
         """The searched keys, in table order."""
-        out = []
-        if self.window_size is not None:
-            out.append("window_size")
-        if self.lr.searched:
-            out.append("lr")
-        if self.backbone is not None:
-            out.append("backbone")
-        if self.ohem_thresh is not None:
-            out.append("ohem_thresh")
-        return out
+        return [k.name for k in SEARCH_KEYS if self.searched(k.name)]
 
     def grid_points(self) -> Iterator[dict[str, Any]]:
         """Every combination of the grid dimensions (the log-uniform lr left out)."""
-        grids = {
-            "window_size": self.window_size,
-            "lr": self.lr.grid,
-            "backbone": self.backbone,
-            "ohem_thresh": self.ohem_thresh,
-        }
-        grids = {k: v for k, v in grids.items() if v is not None}
+        grids = {k.name: self.grid(k.name) for k in SEARCH_KEYS if self.grid(k.name) is not None}
         for values in itertools.product(*grids.values()):
             yield dict(zip(grids, values, strict=True))
 
@@ -203,12 +252,8 @@ def check_metric(metric: str, path: str) -> None:
     """Fail unless the training loop reports ``metric`` (a sweep on it would never rank a trial)."""
     if metric in VALIDATION_METRICS or metric in STEP_METRICS or _PER_CLASS.match(metric):
         return
-    known = ", ".join([*VALIDATION_METRICS, *STEP_METRICS, "val/IoU/<class index>"])
-    import difflib
-
-    close = difflib.get_close_matches(metric, [*VALIDATION_METRICS, *STEP_METRICS], n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"{path}: training never reports {metric!r}{hint} Reported metrics: {known}")
+    hint = suggest(metric, [*VALIDATION_METRICS, *STEP_METRICS, "val/IoU/<class index>"], "Reported metrics")
+    raise ConfigError(f"{path}: training never reports {metric!r}{hint}")
 
 
 def _check_grid(values: Sequence[Any], path: str) -> None:
@@ -260,16 +305,11 @@ class Sweep:
     def trial_config(self, params: Mapping[str, Any], run_name: str) -> ExperimentConfig:
         """The experiment a trial with ``params`` runs (validated), named ``run_name``."""
         data = to_dict(self.base)
-        if "window_size" in params:
-            data["model"]["window_size"] = int(params["window_size"])
-        if "lr" in params:
-            data["optim"]["lr"] = float(params["lr"])
-        if "backbone" in params:
-            data["model"]["arch"] = params["backbone"]
-            if params["backbone"] in self.config.search.pretrained:
-                data["model"]["pretrained"] = self.config.search.pretrained[params["backbone"]]
-        if "ohem_thresh" in params:
-            data["loss"]["ohem_thresh"] = float(params["ohem_thresh"])
+        for key in SEARCH_KEYS:
+            if key.name in params:
+                _set_path(data, key.path, key.kind(params[key.name]))
+        if params.get("backbone") in self.config.search.pretrained:
+            data["model"]["pretrained"] = self.config.search.pretrained[params["backbone"]]
         data["name"] = run_name
         data["storage"]["path"] = self.runs_root
         # Each trial keeps its best checkpoints by the sweep's metric, and the training loop
@@ -285,68 +325,15 @@ class Sweep:
 
 def trial_run_name(trial_id: str, params: Mapping[str, Any]) -> str:
     """``<trial id>-w13-lr2.0e-04``: unique (the id) and readable; stable across resumes."""
-    parts = [trial_id]
-    if "window_size" in params:
-        parts.append(f"w{int(params['window_size'])}")
-    if "lr" in params:
-        parts.append(f"lr{float(params['lr']):.1e}")
-    if "backbone" in params:
-        parts.append(str(params["backbone"]))
-    if "ohem_thresh" in params:
-        parts.append(f"ohem{float(params['ohem_thresh']):g}")
-    return "-".join(parts)
-
-
-def _set_dotted(data: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(
-            f"override {item!r}: expected KEY=VALUE, e.g. num_samples=2 or experiment.optim.lr=2e-4"
-        )
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
-    parts = key.strip().split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _deep_merge(into: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in data.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
-    return into
-
-
-def _read_mapping(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read sweep config: {exc.strerror or exc}") from exc
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if loaded is not None and not isinstance(loaded, Mapping):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return dict(loaded or {})
+    return "-".join([trial_id, *(k.run_label(params[k.name]) for k in SEARCH_KEYS if k.name in params)])
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     """Load a sweep YAML, apply ``KEY=VALUE`` overrides, resolve and validate its base experiment."""
     source = str(path)
-    raw = _read_mapping(path)
+    raw = read_mapping(path, "sweep config")
     try:
-        for item in overrides:
-            _set_dotted(raw, item)
+        apply_overrides(raw, overrides, SweepConfig)
         cfg: SweepConfig = build_checked(SweepConfig, raw, "")
         cfg.validate()
     except ConfigError as exc:
@@ -358,7 +345,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             base_path = (Path(path).resolve().parent / base_path).resolve()
         cfg.base = str(base_path)
     base = load_config(base_path)
-    data = _deep_merge(to_dict(base), cfg.experiment)
+    data = deep_merge(to_dict(base), cfg.experiment)
     try:
         merged = from_dict(data, source="experiment")
     except ConfigError as exc:

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from hrt_ray.tune.config import Sweep, finite, trial_run_name
+from hrt_ray.config import to_dict
+from hrt_ray.tune.config import SEARCH_KEY, SEARCH_KEYS, Sweep, config_value, finite, trial_run_name
 
 #: Status of a trial in the table.
 COMPLETED = "completed"
@@ -125,13 +126,7 @@ def collect(sweep: Sweep) -> list[TrialRow]:
 
 
 def _fmt_param(key: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if key == "lr":
-        return f"{float(value):.2e}"
-    if key == "ohem_thresh":
-        return f"{float(value):g}"
-    return str(value)
+    return "-" if value is None else SEARCH_KEY[key].cell(value)
 
 
 def _metric_cell(sweep: Sweep, value: float | None) -> str:
@@ -152,12 +147,10 @@ def table_columns(sweep: Sweep) -> list[str]:
 
 def table_cells(sweep: Sweep, rows: list[TrialRow]) -> list[list[str]]:
     dims = table_columns(sweep)[1:-3]
-    defaults = {
-        "window_size": sweep.base.model.window_size if sweep.base.model.window_size is not None else "arch",
-        "lr": sweep.base.optim.lr,
-        "backbone": sweep.base.model.arch,
-        "ohem_thresh": sweep.base.loss.ohem_thresh,
-    }
+    base = to_dict(sweep.base)
+    defaults = {k.name: config_value(base, k.path) for k in SEARCH_KEYS}
+    if defaults["window_size"] is None:  # the base leaves it to the architecture
+        defaults["window_size"] = "arch"
     out = []
     for r in rows:
         cells = [r.trial_id]

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from hrt_ray.config import ExperimentConfig, from_dict, to_dict
-from hrt_ray.tune.config import SWEEP_FILE, Sweep, trial_run_name
+from hrt_ray.tune.config import SEARCH_KEYS, SWEEP_FILE, Sweep, trial_run_name
 from hrt_ray.tune.results import UNFINISHED, Report, tune_storage, write_report
 
 
@@ -121,16 +121,12 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 
     space = sweep.config.search
     out: dict[str, Any] = {}
-    if space.window_size is not None:
-        out["window_size"] = tune.grid_search(list(space.window_size))
-    if space.lr.grid is not None:
-        out["lr"] = tune.grid_search(list(space.lr.grid))
-    elif space.lr.loguniform is not None:
+    for key in SEARCH_KEYS:
+        grid = space.grid(key.name)
+        if grid is not None:
+            out[key.name] = tune.grid_search(list(grid))
+    if space.lr.grid is None and space.lr.loguniform is not None:
         out["lr"] = tune.loguniform(*space.lr.loguniform)
-    if space.backbone is not None:
-        out["backbone"] = tune.grid_search(list(space.backbone))
-    if space.ohem_thresh is not None:
-        out["ohem_thresh"] = tune.grid_search(list(space.ohem_thresh))
     return out
 
 
