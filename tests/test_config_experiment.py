@@ -124,3 +124,16 @@ def test_config_show_prints_the_resolved_config() -> None:
     # A config typo is reported by `train` before Ray or torch start.
     bad_train = _cli("train", "--config", "jobs/default.yaml", "optim.max_iter=3")
     assert bad_train.returncode == 2 and "did you mean 'max_iters'" in bad_train.stderr
+
+
+def test_one_set_of_defaults_the_section_dataclasses_are_the_embedded_default() -> None:
+    """No second layer of defaults: the experiment's sections are their dataclasses' defaults."""
+    import dataclasses
+
+    from hrt_ray.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            assert value == type(value)(), f"ExperimentConfig.{f.name} overrides its section's defaults"
