@@ -19,9 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hrt_ray.train.cli", "Train (or resume) a run on Ray Train, evaluate it, print a summary."),
     "eval": ("hrt_ray.eval.cli", "Evaluate a checkpoint: per-class IoU table, JSON/CSV beside it."),
     "tune": ("hrt_ray.tune.cli", "Sweep window size x learning rate with Ray Tune: table + plot of trials."),
-    "predict": ("hrt_ray.serve.predict", "Batch inference over a folder/bucket on Ray Data: label PNGs."),
-    "visualize": ("hrt_ray.serve.visualize", "Picture: input | truth | prediction | errors of val samples."),
-    "export": ("hrt_ray.serve.export", "Export a checkpoint to TorchScript or ONNX, checked against eager."),
+    "predict": ("hrt_ray.infer.predict", "Batch inference over a folder/bucket on Ray Data: label PNGs."),
+    "visualize": ("hrt_ray.infer.visualize", "Picture: input | truth | prediction | errors of val samples."),
+    "export": ("hrt_ray.infer.export", "Export a checkpoint to TorchScript or ONNX, checked against eager."),
     "config": ("hrt_ray.config_cli", "Show the resolved experiment config; check the job runtime env."),
 }
 

@@ -19,8 +19,8 @@ from hrt_ray import storage
 from hrt_ray.data.codec import decode_image, encode_png
 from hrt_ray.data.specs import get_spec, spec_from_dict
 from hrt_ray.data.synth import draw_scene
-from hrt_ray.serve.labels import colourize, overlay, to_label_image, train_to_original_lut
-from hrt_ray.serve.predict import LABELS_DIR, OVERLAYS_DIR, REPORT_FILE, PredictError, plan
+from hrt_ray.infer.labels import colourize, overlay, to_label_image, train_to_original_lut
+from hrt_ray.infer.predict import LABELS_DIR, OVERLAYS_DIR, REPORT_FILE, PredictError, plan
 
 # Three classes whose original ids are 10/20/30 (like Cityscapes labelIds -> trainIds).
 SPEC = {
@@ -155,7 +155,7 @@ def test_predict_cli_from_s3_bucket(ray_session, s3_bucket: str, tmp_path: Path,
 
 def test_predict_bad_checkpoint_fails_before_any_actor(tmp_path: Path) -> None:
     from hrt_ray.config import load_config
-    from hrt_ray.serve.predict import run_predict
+    from hrt_ray.infer.predict import run_predict
 
     cfg = load_config(None, ["model.num_classes=3"])
     with pytest.raises(PredictError, match="missing.pt: checkpoint not found"):
@@ -174,7 +174,7 @@ def test_segmenter_uses_the_evaluation_test_setting(tmp_path: Path) -> None:
     from hrt_ray.config import load_config
     from hrt_ray.data.transforms import normalize
     from hrt_ray.eval.inference import predict
-    from hrt_ray.serve.model import InferenceOptions, Segmenter
+    from hrt_ray.infer.model import InferenceOptions, Segmenter
 
     cfg_path, ckpt = write_setup(tmp_path)
     overrides = ["eval.mode=slide", "eval.crop_size=[32,32]", "eval.stride=[24,24]", "eval.scales=[0.75,1.0]"]

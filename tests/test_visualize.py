@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from hrt_ray.data.specs import synthetic_spec
-from hrt_ray.serve.labels import IGNORE_COLOUR
-from hrt_ray.serve.visualize import (
+from hrt_ray.infer.labels import IGNORE_COLOUR
+from hrt_ray.infer.visualize import (
     CORRECT_COLOUR,
     GAP,
     HEADER,
@@ -92,8 +92,8 @@ def test_visualize_cli_and_tensorboard_panel(tmp_path: Path, capsys) -> None:
 
     from hrt_ray.cli import main
     from hrt_ray.config import load_config
-    from hrt_ray.serve.model import load_model
-    from hrt_ray.serve.visualize import add_tensorboard_panel
+    from hrt_ray.infer.model import load_model
+    from hrt_ray.infer.visualize import add_tensorboard_panel
 
     cfg_path, ckpt = write_setup(tmp_path)
     assert main(["visualize", "--config", cfg_path, "--checkpoint", ckpt, "--num", "2"]) == 0

@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hrt_ray.config import load_config
+    from hrt_ray.infer.predict import cluster_gpus, run_predict
     from hrt_ray.models import build_model
     from hrt_ray.ray_local import ensure_ray
-    from hrt_ray.serve.predict import cluster_gpus, run_predict
     from hrt_ray.train.loop import resolve_num_classes
 
     cfg = load_config(args.config, args.overrides)

@@ -404,7 +404,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         )
         metrics = validate(model, batches, num_classes, cfg, device, amp_dtype)
         if tb is not None:  # rank 0: input | truth | prediction | errors of the first val samples
-            from hrt_ray.serve.visualize import add_tensorboard_panel
+            from hrt_ray.infer.visualize import add_tensorboard_panel
 
             add_tensorboard_panel(tb.writer, model, cfg, num_classes, device, iteration)
         return metrics.as_report("val/")

@@ -12,7 +12,7 @@ Design:
   decoding into the actor stage (no copy of the pixels through the object store).
 * **Infer in an actor pool** (:class:`PredictActor`): the model is loaded once per actor (one GPU
   each when the cluster has GPUs, else CPU threads) and runs exactly the evaluation's inference
-  (:class:`~hrt_ray.serve.model.Segmenter`). The actor writes its outputs itself through
+  (:class:`~hrt_ray.infer.model.Segmenter`). The actor writes its outputs itself through
   ``hrt_ray.storage.write_bytes`` (atomic), so only a small status row flows back to the driver.
 * **Stream**: Ray Data's streaming executor bounds the blocks in flight; the driver consumes the
   status rows as they come, prints progress and finally writes ``predict-report.json``.
@@ -158,7 +158,7 @@ class PredictActor:
 
         from hrt_ray.config import from_dict
         from hrt_ray.data.specs import spec_from_dict
-        from hrt_ray.serve.model import Segmenter
+        from hrt_ray.infer.model import Segmenter
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -182,7 +182,7 @@ class PredictActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from hrt_ray import storage
         from hrt_ray.data.codec import encode_png
-        from hrt_ray.serve.labels import overlay, to_label_image
+        from hrt_ray.infer.labels import overlay, to_label_image
 
         keys = [str(k) for k in batch["key"]]
         errors = [str(e) for e in batch["error"]]
@@ -289,8 +289,8 @@ def run_predict(
     from hrt_ray.config import to_dict
     from hrt_ray.data.pipeline import resolve_spec
     from hrt_ray.eval.run import checkpoint_file
+    from hrt_ray.infer.model import InferenceOptions, load_model
     from hrt_ray.models.checkpoint import CheckpointError
-    from hrt_ray.serve.model import InferenceOptions, load_model
     from hrt_ray.train.loop import resolve_num_classes
 
     log = log or sys.stderr

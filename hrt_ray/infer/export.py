@@ -154,7 +154,7 @@ def export_checkpoint(
     from hrt_ray.data.pipeline import resolve_spec
     from hrt_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from hrt_ray.eval.run import checkpoint_file
-    from hrt_ray.serve.model import load_model
+    from hrt_ray.infer.model import load_model
     from hrt_ray.train.loop import resolve_num_classes
 
     if fmt not in FORMATS:

@@ -66,7 +66,7 @@ def make_panel(
     """
     import cv2
 
-    from hrt_ray.serve.labels import colourize
+    from hrt_ray.infer.labels import colourize
 
     if not rows:
         raise ValueError("make_panel needs at least one (image, truth, pred) row")
@@ -119,7 +119,7 @@ def load_val_samples(cfg: Any, n: int, spec: DatasetSpec | None = None) -> list[
 
 
 def panel_for(segmenter: Any, samples: Sequence[Sample]) -> tuple[np.ndarray, list[float]]:
-    """Predict ``samples`` with a :class:`~hrt_ray.serve.model.Segmenter`; panel + per-sample pixel acc."""
+    """Predict ``samples`` with a :class:`~hrt_ray.infer.model.Segmenter`; panel + per-sample pixel acc."""
     preds = segmenter([image for _, image, _ in samples])
     spec = segmenter.spec
     accs = []
@@ -144,7 +144,7 @@ def add_tensorboard_panel(
     failed run: any error is logged as a warning and ``False`` returned.
     """
     from hrt_ray.data.pipeline import resolve_spec
-    from hrt_ray.serve.model import InferenceOptions, Segmenter
+    from hrt_ray.infer.model import InferenceOptions, Segmenter
 
     try:
         key = (cfg.data.val_uri, n)
@@ -193,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
     from hrt_ray.data.codec import DataError, encode_png
     from hrt_ray.data.synth import ensure_synthetic
     from hrt_ray.eval.run import checkpoint_file
+    from hrt_ray.infer.model import Segmenter
     from hrt_ray.models.checkpoint import CheckpointError
-    from hrt_ray.serve.model import Segmenter
 
     ckpt = checkpoint_file(args.checkpoint)
     out = args.out or f"{ckpt.rsplit('/', 1)[0]}/visualize.png"
