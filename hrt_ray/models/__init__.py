@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from hrt_ray.models.checkpoint import LoadReport, checkpoint_filter_fn, load_checkpoint
-from hrt_ray.models.hrformer import SETTINGS, HighResolutionTransformer, _create_hrformer
+from hrt_ray.models.hrformer import SETTINGS, HighResolutionTransformer, create_hrformer
 from hrt_ray.models.ocr import HRTOCR
 
 __all__ = [
@@ -38,7 +38,7 @@ def _hrt_ocr(
     channels_last: bool = False,
 ) -> HRTOCR:
     window = published_window if window_size is None else window_size
-    backbone = _create_hrformer(variant, window_size=window, drop_path_rate=drop_path_rate)
+    backbone = create_hrformer(variant, window_size=window, drop_path_rate=drop_path_rate)
     backbone.set_grad_checkpointing(activation_checkpointing)
     model = HRTOCR(backbone, sum(SETTINGS[variant].channels), num_classes)
     if channels_last:

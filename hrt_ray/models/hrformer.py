@@ -359,7 +359,7 @@ class HighResolutionTransformer(nn.Module):
         return xs
 
 
-def _create_hrformer(
+def create_hrformer(
     variant: str, window_size: int | None = None, drop_path_rate: float | None = None
 ) -> HighResolutionTransformer:
     if variant not in SETTINGS:
@@ -373,14 +373,3 @@ def _create_hrformer(
         settings = replace(settings, drop_path_rate=drop_path_rate)
     return HighResolutionTransformer(settings)
 
-
-def hrt_tiny(**kwargs) -> HighResolutionTransformer:
-    return _create_hrformer("hrt_tiny", **kwargs)
-
-
-def hrt_small(**kwargs) -> HighResolutionTransformer:
-    return _create_hrformer("hrt_small", **kwargs)
-
-
-def hrt_base(**kwargs) -> HighResolutionTransformer:
-    return _create_hrformer("hrt_base", **kwargs)
