@@ -221,7 +221,7 @@ def test_launched_node_runs_the_synced_project(
 
     # Ray built the rsync command lines; the YAML's excludes and filters reached them.
     project_sync = next(c for c in shell.rsync_commands if c[-1].endswith(":~/hrt-ray/"))
-    pairs = set(zip(project_sync, project_sync[1:]))
+    pairs = set(zip(project_sync, project_sync[1:], strict=False))
     for pattern in cfg["rsync_exclude"]:
         assert ("--exclude", pattern) in pairs, pattern
     for merge_file in cfg["rsync_filter"]:
@@ -261,7 +261,8 @@ def test_launched_node_runs_the_synced_project(
 
     assert "train" in node_run(str(image_python / "bin" / "hrt-ray"), "--help")
     for job in job_files():
-        shown = yaml.safe_load(node_run(py, "-m", "hrt_ray", "config", "show", str(node_project / "jobs" / job)))
+        node_job = str(node_project / "jobs" / job)
+        shown = yaml.safe_load(node_run(py, "-m", "hrt_ray", "config", "show", node_job))
         assert shown["name"], job
 
 
