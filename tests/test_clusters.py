@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -442,3 +443,86 @@ def test_readme_references_existing_files() -> None:
     assert {"clusters/aws.yaml", "clusters/gcp.yaml", "clusters/kuberay/rayjob.yaml"} <= referenced
     missing = [p for p in referenced if not (REPO / p).is_file()]
     assert not missing, missing
+
+
+# --------------------------------------------------------------------------------------------
+# GPU driver, auth order and the guide's edit commands
+# --------------------------------------------------------------------------------------------
+
+IMAGE_KEYS = re.compile(r"^\s*(ImageId|sourceImage):\s*(\S+)")
+DRIVER_COMMENT = re.compile(r"^\s*#\s*nvidia-driver:\s*(\d+)(?:\.\d+)*\s*$")
+
+
+def minimum_driver() -> int:
+    """The one line of the guide that states it; the packaging tests check the same line against
+    the CUDA runtime the pinned torch depends on."""
+    (line,) = re.findall(r"^\s*Minimum NVIDIA driver: (\d+)\s*$", (CLUSTERS / "README.md").read_text(), re.M)
+    return int(line)
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_every_host_image_documents_a_driver_that_meets_the_minimum(name: str) -> None:
+    lines = (CLUSTERS / name).read_text().splitlines()
+    images = [(i, m.group(2)) for i, line in enumerate(lines) if (m := IMAGE_KEYS.match(line))]
+    assert images, f"{name} names no host image"
+    for index, image in images:
+        drivers = []
+        j = index - 1
+        while j >= 0 and lines[j].lstrip().startswith("#"):
+            if m := DRIVER_COMMENT.match(lines[j]):
+                drivers.append(int(m.group(1)))
+            j -= 1
+        assert drivers, f"{name}:{index + 1}: {image} has no '# nvidia-driver: N' comment above it"
+        assert drivers[0] >= minimum_driver(), f"{name}:{index + 1}: {image} has driver {drivers[0]}"
+        assert "latest" not in image.split("/"), f"{name}:{index + 1}: unpinned {image}"
+    # The boot check on GPU nodes enforces the same number.
+    cfg = prepared(name)
+    for node_type, spec in worker_types(cfg).items():
+        if spec["resources"].get("GPU"):
+            check = " ".join(c for c in spec["initialization_commands"] if "nvidia-smi" in c)
+            assert f"-ge {minimum_driver()} " in check, node_type
+
+
+def bash_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", markdown, re.S)
+
+
+def test_token_auth_is_exported_before_the_head_starts() -> None:
+    """A head started before RAY_AUTH_MODE=token is exported runs without auth, and every later
+    `ray job submit` with a token is refused."""
+    blocks = [b for doc in ("README.md", "clusters/README.md") for b in bash_blocks((REPO / doc).read_text())]
+    starts = [b for b in blocks if "ray start --head" in b]
+    assert starts, "no `ray start --head` in the docs"
+    for block in starts:
+        before = block[: block.index("ray start --head")]
+        assert re.search(r"export RAY_AUTH_MODE=token", before), block
+    for name in LAUNCHER_YAMLS:
+        for cmd in prepared(name)["head_start_ray_commands"]:
+            if "ray start" in cmd:
+                assert cmd.index("export RAY_AUTH_MODE=token") < cmd.index("ray start"), name
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_the_guides_edit_commands_give_a_config_ray_accepts(name: str, tmp_path: Path) -> None:
+    """Run the guide's `sed -i ... clusters/<name>` lines, as written, on a copy."""
+    from ray.autoscaler._private.util import validate_config
+
+    edits = [
+        line.strip()
+        for block in bash_blocks((CLUSTERS / "README.md").read_text())
+        for line in block.splitlines()
+        if line.strip().startswith("sed -i") and line.strip().endswith(f"clusters/{name}")
+    ]
+    assert edits, f"the guide never says how to edit clusters/{name}"
+    (tmp_path / "clusters").mkdir()
+    (tmp_path / "clusters" / name).write_text((CLUSTERS / name).read_text())
+    env = {"PATH": "/usr/bin:/bin", "REGISTRY": "registry.example/hrt", "PROJECT": "my-project-123"}
+    for edit in edits:
+        subprocess.run(["/bin/bash", "-ce", edit], cwd=tmp_path, env=env, check=True, timeout=30)
+    from ray.autoscaler._private.util import prepare_config
+
+    cfg = prepare_config(load_yaml(tmp_path / "clusters" / name))
+    validate_config(cfg)
+    assert cfg["docker"]["image"] == f"registry.example/hrt/{PROJECT_IMAGE}"
+    if cfg["provider"]["type"] == "gcp":
+        assert cfg["provider"]["project_id"] == "my-project-123"
