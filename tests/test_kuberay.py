@@ -253,6 +253,12 @@ def test_rayjob_entrypoint_as_kuberays_submitter_runs_it(tmp_path: Path) -> None
     assert entrypoint[:3] == ["hrt-ray", "train", "--config"], entrypoint
     assert calls[-1][:3] == ["ray", "job", "logs"]
 
+    # The submitter runs `ray` from the project image, like every Ray pod of the job.
+    submitter = spec["submitterPodTemplate"]["spec"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert submitter["containers"][0]["image"] == head["image"]
+    assert submitter["restartPolicy"] == "Never", "a Kubernetes Job's pod must not restart itself"
+
     cfg = load_config(REPO / entrypoint[3], entrypoint[4:])
     assert cfg.storage.path == "s3://bucket/runs"
     assert cfg.data.train_uri == "s3://bucket/data/cityscapes/train"
