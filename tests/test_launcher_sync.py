@@ -12,8 +12,11 @@ The node's Python stands in for the project image (clusters/docker/Dockerfile): 
 sees the runtime dependencies through a ``.pth`` path line to this venv's site-packages. A path line
 does not process the ``.pth`` files in that directory, so the development checkout's editable
 install is *not* active there; ``hrt_ray`` can only come from what the sync delivered and the
-YAML's setup commands installed. Every module must then import from the node's copy, and the CLI
-must answer ``--help`` and ``config show`` for every job file, from the node's copy of jobs/.
+YAML's setup commands installed. Every module must then import from the node's copy, the CLI
+must answer ``--help`` and ``config show`` for every job file, and every sweep file must load,
+all from the node's copy of jobs/.
+
+Needs the system ``rsync`` (``apt-get install rsync``).
 """
 
 from __future__ import annotations
@@ -183,8 +186,22 @@ def source_modules() -> list[str]:
 
 
 def job_files() -> list[str]:
-    """The job configs under jobs/ (the runtime env is not one)."""
+    """The job configs under jobs/ (the runtime env is not one; sweeps are checked apart)."""
     return sorted(p.name for p in (REPO / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml")
+
+
+def sweep_files() -> list[str]:
+    """The Tune sweep files under jobs/ablations/ (`hrt-ray tune --config`)."""
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "jobs" / "ablations").glob("*.yaml"))
+
+
+LOAD_SWEEPS = """
+import sys
+from hrt_ray.tune.config import load_sweep
+for path in sys.argv[1:]:
+    load_sweep(path)
+print(len(sys.argv) - 1)
+"""
 
 
 IMPORT_ALL = """
@@ -264,6 +281,8 @@ def test_launched_node_runs_the_synced_project(
         node_job = str(node_project / "jobs" / job)
         shown = yaml.safe_load(node_run(py, "-m", "hrt_ray", "config", "show", node_job))
         assert shown["name"], job
+    sweeps = [str(node_project / f) for f in sweep_files()]
+    assert sweeps and node_run(py, "-c", LOAD_SWEEPS, *sweeps).split()[-1] == str(len(sweeps))
 
 
 @pytest.mark.parametrize("name", LAUNCHER_YAMLS)
