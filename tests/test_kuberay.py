@@ -264,7 +264,6 @@ def test_rayjob_entrypoint_as_kuberays_submitter_runs_it(tmp_path: Path) -> None
     assert cfg.data.train_uri == "s3://bucket/data/cityscapes/train"
     assert cfg.data.val_uri == "s3://bucket/data/cityscapes/val"
     assert cfg.model.pretrained == "s3://bucket/data/pretrained/hrt_small.pth"
-    assert cfg.scaling.check_resources is False, "an autoscaling cluster starts with no GPU node"
     # The job fits the largest GPU group the RayJob's cluster can create.
     groups = spec["rayClusterSpec"]["workerGroupSpecs"]
     gpu_capacity = max(
