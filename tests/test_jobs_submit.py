@@ -1,5 +1,12 @@
-"""`ray job submit` of `hrt-ray train` against a real head node started (and stopped) by the test;
-the shipped runtime env keeps the upload small and fails clearly when it would be too big."""
+"""`ray job submit` the way a real cluster sees it.
+
+A real node has the runtime dependencies installed but never the source tree or an editable
+install of it: everything of ``hrt_ray`` that runs there arrives in the working-dir package that
+Ray's packager builds from ``jobs/runtime_env.yaml``. So the package is built here with Ray's own
+packager from a copy of the repo full of decoys (data, run outputs, a virtualenv, credentials),
+and a job is submitted to a loopback cluster (head + worker node) whose Python cannot import
+``hrt_ray`` any other way.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +17,26 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, free_port
+from repo_copy import DECOYS, copy_repo, package_files
 
 BIN = Path(sys.executable).parent
+RUNTIME_ENV = "jobs/runtime_env.yaml"
 
 
 def test_runtime_env_excludes_bulk_and_reports_oversize(tmp_path: Path) -> None:
     from hrt_ray.train.jobenv import JobEnvError, check_working_dir, load_runtime_env
 
-    env = load_runtime_env(REPO_ROOT / "jobs" / "runtime_env.yaml")
-    for pattern in (".venv/", ".git/", "data/", "runs/"):
-        assert pattern in env["excludes"]
+    env = load_runtime_env(REPO_ROOT / RUNTIME_ENV)
     (tmp_path / "hrt_ray").mkdir()
     (tmp_path / "hrt_ray" / "x.py").write_text("print(1)\n")
     for bulky in ("data", "runs", ".venv", ".git"):
@@ -42,87 +52,223 @@ def test_runtime_env_excludes_bulk_and_reports_oversize(tmp_path: Path) -> None:
     assert real.bytes < 50 * 2**20
 
 
+@pytest.mark.parametrize("include_gitignore", [True, False], ids=["with-gitignore", "excludes-only"])
+def test_ray_packager_ships_every_module_and_no_decoy(tmp_path: Path, include_gitignore: bool) -> None:
+    """Ray's own packager (what `ray job submit --working-dir` calls) on a decoy-filled copy.
+
+    `ray job submit` honours .gitignore unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, so the
+    runtime env's excludes alone must also keep credentials and bulk out.
+    """
+    from ray._private.runtime_env.packaging import create_package
+
+    from hrt_ray.train.jobenv import load_runtime_env
+
+    repo = copy_repo(tmp_path / "repo")
+    excludes = load_runtime_env(repo / RUNTIME_ENV)["excludes"]
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(repo), pkg, include_gitignore=include_gitignore, excludes=excludes)
+    with zipfile.ZipFile(pkg) as zf:
+        names = {n.rstrip("/") for n in zf.namelist()}
+
+    expected = package_files()
+    assert "hrt_ray/data/__init__.py" in expected and "hrt_ray/data/specs/cityscapes.yaml" in expected
+    missing = sorted(expected - names)
+    assert not missing, f"{RUNTIME_ENV} drops package files from the upload: {missing}"
+    for needed in ("jobs/default.yaml", RUNTIME_ENV, "pyproject.toml"):
+        assert needed in names
+    shipped_decoys = sorted(n for n in names for rel in DECOYS if n == rel or rel.startswith(f"{n}/"))
+    assert not shipped_decoys, f"{RUNTIME_ENV} uploads what must stay behind: {shipped_decoys}"
+    for top in (".venv", ".git", "data", "runs", ".aws", ".env"):
+        assert not any(n == top or n.startswith(f"{top}/") for n in names), top
+
+
+# ---------------------------------------------------------------------------------------------
+# A loopback cluster whose Python has the runtime dependencies but not hrt_ray.
+
+
+@dataclass
+class IsolatedCluster:
+    root: Path
+    python: Path
+    dashboard: str
+    gcs: str
+    env: dict[str, str]
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Ray's CLI run by the node's Python from outside the repository."""
+        return subprocess.run(
+            [str(self.python), "-m", "ray.scripts.scripts", *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+def _node_env(root: Path) -> Path:
+    """A venv whose site-packages reaches this environment's packages through a plain path line.
+
+    A path line in a .pth adds the directory to sys.path but does not process the .pth files
+    inside it, so the editable install's ``__editable__`` hook never runs there.
+    """
+    venv = root / "node-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "hrt-ray-runtime-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def _start(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], marker: str) -> None:
+    """Stop the `ray start --block` process groups, then any process of this cluster left behind.
+
+    Leftovers are found by this cluster's own temp dir in their command line and killed by pid:
+    never `ray stop`, which would stop every Ray on the machine.
+    """
+    for proc in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    for _ in range(2):
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+                continue
+            try:
+                cmdline = (pid_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+        time.sleep(1)
+
+
 @pytest.fixture()
-def head_node() -> Iterator[tuple[str, dict[str, str]]]:
-    """`ray start --head --block` in its own process group on loopback; killed by its pgid only."""
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dash = free_port()
+def isolated_cluster() -> Iterator[IsolatedCluster]:
+    root = Path(tempfile.mkdtemp(prefix="rjiso", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    temp_dir = root / "ray"
+    python = _node_env(root)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN]
     env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONHOME"}
     }
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"),
+    env.update(
+        PATH=os.pathsep.join([str(python.parent), *path]),
+        RAY_AUTH_MODE="disabled",  # loopback test cluster only
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )
+    probe = subprocess.run(
+        [str(python), "-c", "import ray, torch, pyarrow, albumentations; import hrt_ray"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode != 0 and "No module named 'hrt_ray'" in probe.stderr, (
+        "the node environment must have the runtime deps but not hrt_ray: " + probe.stderr[-2000:]
+    )
+
+    gcs_port, dash_port = free_port(), free_port()
+    ray_start = [
+        str(python),
+        "-m",
+        "ray.scripts.scripts",
         "start",
-        "--head",
         "--block",
-        "--port",
-        str(free_port()),
         "--node-ip-address",
         "127.0.0.1",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash),
-        "--dashboard-agent-listen-port",
-        str(free_port()),
-        "--dashboard-agent-grpc-port",
-        str(free_port()),
-        "--metrics-export-port",
-        str(free_port()),
-        "--runtime-env-agent-port",
-        str(free_port()),
-        "--ray-client-server-port",
-        str(free_port()),
-        "--num-cpus",
-        "4",
-        "--temp-dir",
-        temp_dir,
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    address = f"http://127.0.0.1:{dash}"
+
+    def node_ports() -> list[str]:
+        return [
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
+            "--node-manager-port", str(free_port()),
+            "--object-manager-port", str(free_port()),
+        ]  # fmt: skip
+
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        # The head runs the job driver only (no CPUs): training and data tasks go to the worker.
+        head = [
+            *ray_start,
+            "--head",
+            "--port", str(gcs_port),
+            "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dash_port),
+            "--ray-client-server-port", str(free_port()),
+            "--num-cpus", "0",
+            "--temp-dir", str(temp_dir),
+            *node_ports(),
+        ]  # fmt: skip
+        procs.append(_start(head, env, root, root / "head.log"))
+        cluster = IsolatedCluster(root, python, f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", env)
         deadline = time.monotonic() + 240
+        while cluster.ray("job", "list", "--address", cluster.dashboard).returncode != 0:
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"head node did not come up: {(root / 'head.log').read_text()[-3000:]}")
+            time.sleep(2)
+        worker = [*ray_start, "--address", cluster.gcs, "--num-cpus", "4", *node_ports()]
+        procs.append(_start(worker, env, root, root / "worker.log"))
+        count_nodes = (
+            "import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR');"
+            "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"
+        )
+        deadline = time.monotonic() + 180
         while True:
-            probe = subprocess.run(
-                [str(BIN / "ray"), "job", "list", "--address", address],
+            alive = subprocess.run(
+                [str(python), "-c", count_nodes, cluster.gcs],
+                cwd=root,
                 env=env,
                 capture_output=True,
                 text=True,
+                timeout=120,
             )
-            if probe.returncode == 0:
+            if "ALIVE 2" in alive.stdout:
                 break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"head node did not come up: {probe.stderr[-2000:]}")
-            time.sleep(1)
-        yield address, env
+            if procs[1].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker node did not join: {(root / 'worker.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield cluster
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop(procs, str(temp_dir))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_fails_loudly(
-    head_node: tuple[str, dict[str, str]], tmp_path: Path
-) -> None:
-    address, env = head_node
-    data = tmp_path / "data"
-    runs = tmp_path / "runs"
+def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: IsolatedCluster) -> None:
+    cluster = isolated_cluster
+    repo = copy_repo(cluster.root / "repo")
+    out = cluster.root / "out"
     overrides = [
         "name=job",
-        f"storage.path={runs}",
-        f"data.train_uri={data}/train",
-        f"data.val_uri={data}/val",
+        f"storage.path={out}/runs",
+        f"data.train_uri={out}/data/train",
+        f"data.val_uri={out}/data/val",
         "data.synth.num_train=16",
         "data.synth.num_val=2",
         "data.synth.size=[64,64]",
@@ -135,68 +281,73 @@ def test_ray_job_submit_trains_and_fails_loudly(
         "checkpoint.every=2",
         "loss.ohem_min_kept=2000",
     ]
+    # What the job's own Python resolves, and what landed in its working dir, then the default job.
+    show = (
+        "import os, hrt_ray, hrt_ray.data;"
+        "print('HRT_RAY_FILE', hrt_ray.__file__);"
+        "print('HRT_RAY_DATA_FILE', hrt_ray.data.__file__);"
+        "print('SHIPPED', sorted(os.listdir('.')))"
+    )
+    script = (
+        f"python -c {json.dumps(show)} && python -m hrt_ray train --config jobs/default.yaml "
+        + " ".join(f"'{o}'" for o in overrides)
+    )
     submit = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        str(REPO_ROOT),
-        "--runtime-env",
-        str(REPO_ROOT / "jobs" / "runtime_env.yaml"),
-        "--",
-    ]
+        str(BIN / "ray"), "job", "submit",
+        "--address", cluster.dashboard,
+        "--working-dir", str(repo),
+        "--runtime-env", str(repo / RUNTIME_ENV),
+    ]  # fmt: skip
     ok = subprocess.run(
-        [
-            *submit[:-1],
-            "--submission-id",
-            f"hrt-ok-{os.getpid()}",
-            "--",
-            "hrt-ray",
-            "train",
-            "--config",
-            "jobs/default.yaml",
-            *overrides,
-            "--no-eval",
-        ],
-        env=env,
+        [*submit, "--submission-id", "hrt-iso-ok", "--", "bash", "-c", f"{script} --no-eval"],
+        cwd=cluster.root,
+        env=cluster.env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=600,
     )
-    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:]
-    assert "succeeded" in (ok.stdout + ok.stderr).lower()
-    summary = json.loads((runs / "job" / "summary.json").read_text())
-    assert summary["iteration"] == 2 and summary["checkpoint"].startswith(str(runs / "job" / "checkpoint_"))
-    # The cluster keeps the driver's log, with the printed summary in it.
-    logs = subprocess.run(
-        [str(BIN / "ray"), "job", "logs", "--address", address, f"hrt-ok-{os.getpid()}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "run            job (2 iterations)" in logs.stdout
-    assert f"checkpoint     {summary['checkpoint']}" in logs.stdout
-    # A failing run makes the driver, and so `ray job submit`, exit non-zero.
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "hrt-iso-ok").stdout
+    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:]
+
+    lines = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(("HRT_RAY_", "SHIPPED")))
+    for key in ("HRT_RAY_FILE", "HRT_RAY_DATA_FILE"):
+        imported = Path(lines[key])
+        assert "runtime_resources" in imported.parts and "working_dir_files" in imported.parts, lines
+        assert not imported.is_relative_to(REPO_ROOT)
+    shipped = set(json.loads(lines["SHIPPED"].replace("'", '"')))
+    assert {"hrt_ray", "jobs", "pyproject.toml"} <= shipped
+    assert not shipped & {".env", ".env.local", ".aws", ".venv", ".git", "data", "runs"}, shipped
+
+    summary = json.loads((out / "runs" / "job" / "summary.json").read_text())
+    assert summary["iteration"] == 2
+    assert summary["checkpoint"].startswith(str(out / "runs" / "job" / "checkpoint_"))
+    assert Path(summary["checkpoint"]).is_dir()
+    assert isinstance(summary["final_miou"], float) and 0.0 <= summary["final_miou"] <= 1.0
+    assert "run            job (2 iterations)" in logs
+    assert f"checkpoint     {summary['checkpoint']}" in logs
+
+    # A failing run makes the driver, and so `ray job submit`, exit non-zero with the reason.
     bad = subprocess.run(
         [
             *submit,
-            "hrt-ray",
+            "--",
+            "python",
+            "-m",
+            "hrt_ray",
             "train",
             *overrides,
             "name=bad",
             "data.dataset=ade20k",
-            f"data.train_uri={tmp_path}/nothing",
+            f"data.train_uri={out}/nothing",
             "model.num_classes=5",
             "--no-eval",
-        ],
-        env=env,
+        ],  # fmt: skip
+        cwd=cluster.root,
+        env=cluster.env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert bad.returncode != 0
-    out = bad.stdout + bad.stderr
-    assert "failed" in out.lower() and f"{tmp_path}/nothing" in out
+    text = bad.stdout + bad.stderr
+    assert "failed" in text.lower() and f"{out}/nothing" in text
