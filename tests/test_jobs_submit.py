@@ -171,13 +171,13 @@ def isolated_cluster() -> Iterator[IsolatedCluster]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in {"PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONHOME"}
+        if k
+        not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     }
     env.update(
         PATH=os.pathsep.join([str(python.parent), *path]),
         RAY_AUTH_MODE="disabled",  # loopback test cluster only
         RAY_USAGE_STATS_ENABLED="0",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     probe = subprocess.run(
         [str(python), "-c", "import ray, torch, pyarrow, albumentations; import hrt_ray"],
