@@ -127,29 +127,57 @@ def _node_env(root: Path) -> Path:
     return python
 
 
-def _start(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+#: Run by the node environment's Python: Ray's own multi-node test cluster (head + one worker
+#: node, each its own raylet), kept on loopback. `ray start --address` cannot do that here: it
+#: refuses worker nodes when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the switch that keeps Ray on
+#: 127.0.0.1) and otherwise advertises the machine's external address.
+CLUSTER_HELPER = """
+import json, sys
+from ray.cluster_utils import Cluster
+
+temp_dir, worker_cpus = sys.argv[1], float(sys.argv[2])
+dashboard_ports = [int(p) for p in sys.argv[3].split(",")]
+# A raylet gets 30 s to register with the GCS; a loaded box can miss that, so each node gets a
+# few attempts (a failed head's leftovers keep its port: the next attempt uses the next one).
+for attempt, dashboard_port in enumerate(dashboard_ports):
+    try:
+        # The head runs the job driver only (no CPUs): training and data tasks go to the worker.
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir, include_dashboard=True,
+            dashboard_host="127.0.0.1", dashboard_port=dashboard_port))
+        break
+    except Exception as exc:
+        print("head node attempt", attempt, "failed:", exc, file=sys.stderr, flush=True)
+else:
+    raise SystemExit("head node did not start")
+for attempt in range(3):
+    try:
+        cluster.add_node(num_cpus=worker_cpus, node_ip_address="127.0.0.1")
+        break
+    except Exception as exc:
+        print("worker node attempt", attempt, "failed:", exc, file=sys.stderr, flush=True)
+else:
+    raise SystemExit("worker node did not start")
+print("READY", json.dumps({"gcs": cluster.address, "dashboard_port": dashboard_port}), flush=True)
+sys.stdin.read()  # until the test closes stdin
+cluster.shutdown()
+"""
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], marker: str) -> None:
-    """Stop the `ray start --block` process groups, then any process of this cluster left behind.
+def _stop(proc: subprocess.Popen[str], marker: str) -> None:
+    """Shut the helper's cluster down, then kill any process of this cluster left behind.
 
     Leftovers are found by this cluster's own temp dir in their command line and killed by pid:
     never `ray stop`, which would stop every Ray on the machine.
     """
-    for proc in reversed(procs):
+    with contextlib.suppress(OSError):
+        proc.stdin.close()  # type: ignore[union-attr]
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in reversed(procs):
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
     for _ in range(2):
         for pid_dir in Path("/proc").iterdir():
             if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
@@ -183,13 +211,13 @@ def isolated_cluster() -> Iterator[IsolatedCluster]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k
-        not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "RAY_ADDRESS"}
     }
     env.update(
         PATH=os.pathsep.join([str(python.parent), *path]),
         RAY_AUTH_MODE="disabled",  # loopback test cluster only
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray's node-IP lookup returns 127.0.0.1
     )
     probe = subprocess.run(
         [str(python), "-c", "import ray, torch, pyarrow, albumentations; import hrt_ray"],
@@ -202,59 +230,59 @@ def isolated_cluster() -> Iterator[IsolatedCluster]:
         "the node environment must have the runtime deps but not hrt_ray: " + probe.stderr[-2000:]
     )
 
-    gcs_port, dash_port = free_port(), free_port()
-    ray_start = [
-        str(python),
-        "-m",
-        "ray.scripts.scripts",
-        "start",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-    ]
-
-    def node_ports() -> list[str]:
-        return [
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--node-manager-port", str(free_port()),
-            "--object-manager-port", str(free_port()),
-        ]  # fmt: skip
-
-    procs: list[subprocess.Popen[bytes]] = []
+    log = root / "cluster.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [
+                str(python),
+                "-c",
+                CLUSTER_HELPER,
+                str(temp_dir),
+                "4",
+                ",".join(str(free_port()) for _ in range(3)),
+            ],
+            cwd=root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
     try:
-        # The head runs the job driver only (no CPUs): training and data tasks go to the worker.
-        head = [
-            *ray_start,
-            "--head",
-            "--port", str(gcs_port),
-            "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(dash_port),
-            "--ray-client-server-port", str(free_port()),
-            "--num-cpus", "0",
-            "--temp-dir", str(temp_dir),
-            *node_ports(),
-        ]  # fmt: skip
-        procs.append(_start(head, env, root, root / "head.log"))
-        cluster = IsolatedCluster(root, python, f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", env)
-        deadline = time.monotonic() + 240
-        while cluster.ray("job", "list", "--address", cluster.dashboard).returncode != 0:
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"head node did not come up: {(root / 'head.log').read_text()[-3000:]}")
-            time.sleep(2)
-        worker = [*ray_start, "--address", cluster.gcs, "--num-cpus", "4", *node_ports()]
-        procs.append(_start(worker, env, root, root / "worker.log"))
+        line = ""
+        while not line.startswith("READY"):
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"loopback cluster did not come up: {log.read_text()[-3000:]}")
+        ready = json.loads(line.split(" ", 1)[1])
+        dashboard = f"http://127.0.0.1:{ready['dashboard_port']}"
+        cluster = IsolatedCluster(root, python, dashboard, ready["gcs"], env)
+        assert cluster.gcs.startswith("127.0.0.1:"), cluster.gcs
         deadline = time.monotonic() + 300
-        while _alive_nodes(cluster.dashboard) < 2:
-            if procs[1].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker node did not join: {(root / 'worker.log').read_text()[-3000:]}")
+        while (
+            _alive_nodes(cluster.dashboard) < 2
+            or cluster.ray("job", "list", "--address", cluster.dashboard).returncode
+        ):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"job server or worker node not up: {log.read_text()[-3000:]}")
             time.sleep(3)
         yield cluster
     finally:
-        _stop(procs, str(temp_dir))
+        _stop(proc, str(temp_dir))
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _submit(cluster: IsolatedCluster, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """`ray job submit`, retried only while the head's job agent is still starting (loaded box)."""
+    deadline = time.monotonic() + 240
+    while True:
+        done = subprocess.run(
+            cmd, cwd=cluster.root, env=cluster.env, capture_output=True, text=True, timeout=600
+        )
+        if "No available agent to submit job" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(5)
 
 
 @pytest.mark.slow
@@ -296,13 +324,8 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
         "--working-dir", str(repo),
         "--runtime-env", str(repo / RUNTIME_ENV),
     ]  # fmt: skip
-    ok = subprocess.run(
-        [*submit, "--submission-id", "hrt-iso-ok", "--", "bash", "-c", f"{script} --no-eval"],
-        cwd=cluster.root,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    ok = _submit(
+        cluster, [*submit, "--submission-id", "hrt-iso-ok", "--", "bash", "-c", f"{script} --no-eval"]
     )
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "hrt-iso-ok").stdout
     assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:]
@@ -325,7 +348,8 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
     assert f"checkpoint     {summary['checkpoint']}" in logs
 
     # A failing run makes the driver, and so `ray job submit`, exit non-zero with the reason.
-    bad = subprocess.run(
+    bad = _submit(
+        cluster,
         [
             *submit,
             "--",
@@ -340,11 +364,6 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
             "model.num_classes=5",
             "--no-eval",
         ],  # fmt: skip
-        cwd=cluster.root,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert bad.returncode != 0
     text = bad.stdout + bad.stderr
