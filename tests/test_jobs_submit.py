@@ -132,27 +132,51 @@ def _node_env(root: Path) -> Path:
 #: refuses worker nodes when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the switch that keeps Ray on
 #: 127.0.0.1) and otherwise advertises the machine's external address.
 CLUSTER_HELPER = """
-import json, sys
+import json, os, signal, sys
 from ray.cluster_utils import Cluster
 
-temp_dir, worker_cpus = sys.argv[1], float(sys.argv[2])
-dashboard_ports = [int(p) for p in sys.argv[3].split(",")]
-# A raylet gets 30 s to register with the GCS; a loaded box can miss that, so each node gets a
-# few attempts (a failed head's leftovers keep its port: the next attempt uses the next one).
-for attempt, dashboard_port in enumerate(dashboard_ports):
+temp_root, worker_cpus = sys.argv[1], float(sys.argv[2])
+# Per attempt "dashboard port:agent port"; the agent's default (52365) may be taken by another Ray.
+port_pairs = [tuple(map(int, pair.split(":"))) for pair in sys.argv[3].split(",")]
+
+
+def kill_attempt(marker):
+    # A failed start leaves its processes running; they carry their temp dir on the command line.
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                hit = marker.encode() in f.read()
+        except OSError:
+            continue
+        if hit and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# A raylet gets 30 s to register with the GCS; a loaded box can miss that, so the head gets a
+# few attempts, each in its own temp dir and on its own dashboard port.
+for attempt, (dashboard_port, agent_port) in enumerate(port_pairs):
+    temp_dir = os.path.join(temp_root, f"a{attempt}")
     try:
         # The head runs the job driver only (no CPUs): training and data tasks go to the worker.
         cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir, include_dashboard=True,
-            dashboard_host="127.0.0.1", dashboard_port=dashboard_port))
+            dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+            dashboard_agent_listen_port=agent_port))
         break
     except Exception as exc:
         print("head node attempt", attempt, "failed:", exc, file=sys.stderr, flush=True)
+        kill_attempt(temp_dir)
 else:
     raise SystemExit("head node did not start")
-for attempt in range(3):
+for attempt in range(4):
     try:
-        cluster.add_node(num_cpus=worker_cpus, node_ip_address="127.0.0.1")
+        # Its own temp dir, as on a real machine: nodes sharing one would unpack the job's
+        # package into the same runtime_resources directory, racing each other.
+        cluster.add_node(num_cpus=worker_cpus, node_ip_address="127.0.0.1",
+                         temp_dir=os.path.join(temp_root, f"w{attempt}"))
         break
     except Exception as exc:
         print("worker node attempt", attempt, "failed:", exc, file=sys.stderr, flush=True)
@@ -239,7 +263,7 @@ def isolated_cluster() -> Iterator[IsolatedCluster]:
                 CLUSTER_HELPER,
                 str(temp_dir),
                 "4",
-                ",".join(str(free_port()) for _ in range(3)),
+                ",".join(f"{free_port()}:{free_port()}" for _ in range(4)),
             ],
             cwd=root,
             env=env,
