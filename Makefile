@@ -1,15 +1,17 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
-# Each (re)creates .venv from requirements.txt + pyproject.toml when missing or stale.
+# Each (re)creates .venv from the locks + pyproject.toml when missing or stale: the CPU runtime
+# lock (requirements.txt), the test/lint lock (requirements-dev.txt), then the project itself
+# with --no-deps, so nothing unpinned enters.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
 .PHONY: train test test-fast lint bench clean-venv
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
