@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv
+.PHONY: train test test-fast lint bench clean-venv system-tools
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ train: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hrt_ray tests jobs benchmarks
 
+# System programs the slow tier runs as a cluster node would: rsync (the launcher's file sync).
+# Installed with apt when missing and we may (root on a fresh CI box); otherwise named.
+system-tools:
+	@command -v rsync >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq rsync >/dev/null); } \
+	  || { echo "make test needs rsync (e.g. apt-get install rsync)" >&2; exit 1; }
+
 # Everything (what CI runs): real Ray clusters and an S3-compatible server on loopback.
-test: lint
+test: lint system-tools
 	$(VENV)/bin/python -m pytest tests --durations=15
 
 # The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).
