@@ -105,15 +105,16 @@ def test_new_scaling_keys_are_validated() -> None:
 
 def worker_node_types(cluster_yaml: Path) -> dict[str, dict[str, Any]]:
     """The cluster file's worker types for the fake provider: names, min/max workers and
-    priorities as written; CPUs scaled down (1 logical CPU per 24, at least 2), GPUs as
-    ``fake_gpu`` (the same count)."""
+    priorities as written; CPUs scaled down (1 logical CPU per 24, at least 3: one training
+    worker plus the two CPUs Ray Data's read, repartition and map need to make progress beside
+    it), GPUs as ``fake_gpu`` (the same count)."""
     cfg = yaml.safe_load(cluster_yaml.read_text())
     types = {}
     for name, spec in cfg["available_node_types"].items():
         if name == cfg["head_node_type"]:
             continue
         res = spec["resources"]
-        resources: dict[str, Any] = {"CPU": max(2, round(res.get("CPU", 0) / 24))}
+        resources: dict[str, Any] = {"CPU": max(3, round(res.get("CPU", 0) / 24))}
         if res.get("GPU"):
             resources[GPU] = res["GPU"]
         resources["object_store_memory"] = OBJECT_STORE
@@ -252,8 +253,10 @@ class FakeAutoscalingCluster:
             try:
                 self.client = JobSubmissionClient(self.dashboard)
                 self.client.list_jobs()
-                # Up once the head's raylet has registered and the autoscaler reports.
-                if self.status().stats.autoscaler_version not in (None, "", "0"):
+                # Up once the head's raylet has registered and the autoscaler reports (`ray
+                # start` gives up, taking the head down, if the raylet takes over 30 s).
+                st = self.status()
+                if st.stats.autoscaler_version not in (None, "", "0") and st.active_nodes + st.idle_nodes:
                     break
             except Exception as exc:  # the dashboard is not up yet
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -451,7 +454,7 @@ def test_infeasible_request_fails_at_once_naming_the_node_types(
     assert status == "FAILED", logs[-3000:]
     assert "resource error" in logs and "no node of this cluster can ever provide" in logs, logs[-3000:]
     assert f"1 worker(s) x {{CPU: 1, {GPU}: 16}}" in logs
-    assert f"gpu8_spot {{CPU: 4, {GPU}: 8}} x max 2" in logs and "cpu {CPU: 2} x max 4" in logs
+    assert f"gpu8_spot {{CPU: 4, {GPU}: 8}} x max 2" in logs and "cpu {CPU: 3} x max 4" in logs
     assert "waiting up to" not in logs
     assert not seen, f"nothing should have been launched: {seen}"
     assert time.monotonic() - start < 120
@@ -523,7 +526,7 @@ def test_capped_node_type_waits_with_the_autoscaler_report_then_fails(
             assert logs.count("still waiting after") >= 2, logs[-3000:]
             assert "the autoscaler reports as infeasible now" in logs, logs[-3000:]
             assert "did not within scaling.resource_wait_s=20 s" in logs, logs[-3000:]
-            assert "gpu1_spot {CPU: 2, fake_gpu: 1} x max 1" in logs
+            assert "gpu1_spot {CPU: 3, fake_gpu: 1} x max 1" in logs
             assert not (workdir / "runs" / "capped").exists()
         finally:
             cluster.client.stop_job(held)
