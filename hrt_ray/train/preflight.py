@@ -266,12 +266,12 @@ def preflight(
     *,
     wait: bool = True,
     say: Callable[[str], None] = _say,
-) -> Iterator[None]:
+) -> Iterator[Hold]:
     """Check the request; on an autoscaling cluster, have it scaled for and wait (see module doc).
 
-    While the body runs (``fit()``), the request stays registered with the autoscaler
-    (``request_resources``), so the launched nodes are not scaled away as idle before Train
-    places its workers on them; it is withdrawn when the body ends. ``wait=False`` only fails
+    Yields a :class:`Hold` on the placed resources: call ``release()`` right before
+    ``fit()``. While the body runs the request also stays registered with the autoscaler
+    (``request_resources``); both are withdrawn when the body ends. ``wait=False`` only fails
     on what can never be satisfied (a sweep checks one trial without holding nodes).
     """
     request = resource_request(cfg, num_workers)
@@ -282,17 +282,18 @@ def preflight(
     if not autoscaling:
         if not ok_now:
             raise ResourceError(_static_message(cfg, request, state, placed))
-        yield
+        yield Hold()
         return
     if types and not fits(request, state.totals + _launchable(types, request))[0]:
         raise ResourceError(_never_message(request, state, types, source))
     if not wait or fits(request, state.available)[0]:
-        yield
+        yield Hold()
         return
-    _wait_for(cfg, request, types, say)
+    hold = _wait_for(cfg, request, types, say)
     try:
-        yield
+        yield hold
     finally:
+        hold.release()
         _release()
 
 
@@ -302,9 +303,27 @@ def check_resources(cfg: ExperimentConfig, num_workers: int | None = None, *, wa
         pass
 
 
+class Hold:
+    """The placed preflight placement group, kept until Train is about to place its own.
+
+    Held while the driver prepares the datasets and the trainer, so the nodes just launched
+    do not idle out (``idle_timeout_minutes``) before ``fit()`` asks for them again.
+    """
+
+    def __init__(self, pg: Any = None) -> None:
+        self._pg = pg
+
+    def release(self) -> None:
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None
+
+
 def _wait_for(
     cfg: ExperimentConfig, request: Request, types: list[NodeType], say: Callable[[str], None]
-) -> None:
+) -> Hold:
     """Ask for the request as Train will (a PACK placement group) and wait until it is placed."""
     import ray
     from ray.autoscaler.sdk import request_resources
@@ -316,27 +335,25 @@ def _wait_for(
     pg = placement_group(request.bundles(), strategy="PACK", name="hrt-ray-preflight")
     start = time.monotonic()
     say(f"waiting up to {deadline:g} s for the autoscaler to provide {request.describe()}")
-    try:
-        while True:
-            left = deadline - (time.monotonic() - start)
-            ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(interval, left)))
-            if ready:
-                say(f"resources ready after {time.monotonic() - start:.0f} s")
-                return
-            report = cluster_state().report
-            waited = time.monotonic() - start
-            if waited + _EPS >= deadline:
-                _release()
-                raise ResourceError(
-                    f"scaling asks for {request.describe()}; the node types could provide it "
-                    f"({'; '.join(t.describe() for t in types) or 'node types not visible to this driver'}) "
-                    f"but the cluster did not within scaling.resource_wait_s={deadline:g} s. "
-                    f"Autoscaler: {'; '.join(report) or 'no report'}. Check quota and capacity of "
-                    f"the node types (`ray status`, the autoscaler log), or raise scaling.resource_wait_s"
-                )
-            say(f"still waiting after {waited:.0f} s for {_fmt(request.total())}: " + "; ".join(report))
-    finally:
-        remove_placement_group(pg)
+    while True:
+        left = deadline - (time.monotonic() - start)
+        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(interval, left)))
+        if ready:
+            say(f"resources ready after {time.monotonic() - start:.0f} s")
+            return Hold(pg)
+        report = cluster_state().report
+        waited = time.monotonic() - start
+        if waited + _EPS >= deadline:
+            remove_placement_group(pg)
+            _release()
+            raise ResourceError(
+                f"scaling asks for {request.describe()}; the node types could provide it "
+                f"({'; '.join(t.describe() for t in types) or 'node types not visible to this driver'}) "
+                f"but the cluster did not within scaling.resource_wait_s={deadline:g} s. "
+                f"Autoscaler: {'; '.join(report) or 'no report'}. Check quota and capacity of "
+                f"the node types (`ray status`, the autoscaler log), or raise scaling.resource_wait_s"
+            )
+        say(f"still waiting after {waited:.0f} s for {_fmt(request.total())}: " + "; ".join(report))
 
 
 def _release() -> None:

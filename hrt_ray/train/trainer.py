@@ -16,11 +16,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hrt_ray.config import ExperimentConfig, to_dict
+from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
 # The preflight lives in its own module; callers of ``trainer`` keep importing these names here.
 from hrt_ray.train.preflight import ResourceError as ResourceError
 from hrt_ray.train.preflight import check_resources as check_resources
-from hrt_ray.train.preflight import preflight, worker_bundle
 
 
 class TrainError(RuntimeError):
@@ -203,9 +203,10 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
     """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`."""
-    with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext():
+    with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
         datasets = prepare_data(cfg)
         trainer = build_trainer(cfg, datasets, fault=fault)
+        hold.release()  # Train's own placement group takes the nodes over
         try:
             result = trainer.fit()
         except Exception as exc:
