@@ -232,9 +232,19 @@ class ScalingConfig:
     cpus_per_data_worker: float = 1.0
     #: Extra resources each worker asks for (e.g. ``{"node_slot": 1}`` to spread over nodes).
     resources_per_worker: dict[str, float] = field(default_factory=dict)
-    #: Fail before ``fit()`` when the cluster can never place the workers (Ray would wait
-    #: forever). Turn off on an autoscaling cluster whose nodes are not up yet.
+    #: Preflight before ``fit()`` (``hrt_ray.train.preflight``): fail at once when no running
+    #: or launchable node can ever place the workers (Ray would wait forever); on an
+    #: autoscaling cluster, wait for the nodes the request needs.
     check_resources: bool = True
+    #: Autoscaling cluster: how long the preflight waits for nodes it could get (launching, or
+    #: a node type at max_workers / out of quota or spot capacity) before failing.
+    resource_wait_s: float = 1800.0
+    #: Autoscaling cluster: print the autoscaler's report this often while waiting.
+    resource_report_interval_s: float = 30.0
+    #: The autoscaling config listing the node types the autoscaler may launch, where the
+    #: cluster publishes none to the GCS; ``None``: ``~/ray_bootstrap_config.yaml`` if present
+    #: (``ray up`` writes it on the head, where ``ray job submit`` runs the driver).
+    autoscaler_config: str | None = None
 
     def validate(self, path: str) -> None:
         if self.num_workers < 0:
@@ -247,6 +257,12 @@ class ScalingConfig:
             raise ConfigError(f"{path}: cpus_per_worker must be >= 0 and cpus_per_data_worker > 0")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError(f"{path}.gpus_per_worker: must be > 0 when use_gpu is true")
+        if self.resource_wait_s < 0:
+            raise ConfigError(f"{path}.resource_wait_s: must be >= 0, got {self.resource_wait_s}")
+        if self.resource_report_interval_s <= 0:
+            raise ConfigError(
+                f"{path}.resource_report_interval_s: must be > 0, got {self.resource_report_interval_s}"
+            )
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Driver side of training: check the request, build the ``TorchTrainer`` from the config, fit.
+"""Driver side of training: check the request (``preflight``), build the ``TorchTrainer``, fit.
 
 Kept apart from the worker function (``loop.py``) as Ray's own examples do: the driver builds
 the datasets and the trainer, the worker only trains. The run's name comes from the config, so
@@ -8,6 +8,7 @@ with the same ``RunConfig(name, storage_path)``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hrt_ray.config import ExperimentConfig, to_dict
+from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
-
-class ResourceError(RuntimeError):
-    """The cluster can never satisfy the scaling request (raised before ``fit()``)."""
+# The preflight lives in its own module; callers of ``trainer`` keep importing these names here.
+from hrt_ray.train.preflight import ResourceError as ResourceError
+from hrt_ray.train.preflight import check_resources as check_resources
 
 
 class TrainError(RuntimeError):
@@ -82,55 +84,6 @@ def checkpoint_uri(cfg: ExperimentConfig, checkpoint: Any) -> str:
     if "://" in root and "://" not in path:
         return f"{urlsplit(root).scheme}://{path.lstrip('/')}"
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Resource check: a request the cluster can never satisfy would otherwise retry forever
-# --------------------------------------------------------------------------------------------
-
-
-def worker_bundle(cfg: ExperimentConfig) -> dict[str, float]:
-    bundle = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        bundle["GPU"] = cfg.scaling.gpus_per_worker
-    bundle.update(cfg.scaling.resources_per_worker)
-    return {k: v for k, v in bundle.items() if v > 0}
-
-
-def check_resources(cfg: ExperimentConfig, num_workers: int | None = None) -> None:
-    """Fail now, with the numbers, if the workers (+ one data CPU) can never be placed.
-
-    Counts how many worker bundles fit on each alive node (a bundle cannot span nodes) and
-    requires ``cpus_per_data_worker`` CPUs left over for Ray Data, which Ray Train's workers'
-    CPUs are excluded from.
-    """
-    import ray
-
-    # An elastic run starts once its minimum group fits.
-    n = (cfg.scaling.min_workers or cfg.scaling.num_workers) if num_workers is None else num_workers
-    bundle = worker_bundle(cfg)
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    total = ray.cluster_resources()
-    fits = 0
-    for res in nodes:
-        counts = [math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()]
-        fits += min(counts) if counts else n
-    asked = {k: v * n for k, v in bundle.items()}
-    asked["CPU"] = asked.get("CPU", 0.0) + cfg.scaling.cpus_per_data_worker
-    short = {k: v for k, v in asked.items() if total.get(k, 0.0) + 1e-9 < v}
-    if fits < n or short:
-        have = {k: total.get(k, 0.0) for k in asked}
-        raise ResourceError(
-            f"scaling asks for {n} worker(s) x {_fmt(bundle)} plus {cfg.scaling.cpus_per_data_worker:g} CPU "
-            f"for Ray Data = {_fmt(asked)}, but the cluster has {_fmt(have)} "
-            f"({len(nodes)} node(s); {fits} worker bundle(s) fit). Lower scaling.num_workers / "
-            f"scaling.cpus_per_worker / scaling.gpus_per_worker, or add nodes "
-            f"(scaling.check_resources=false skips this check on an autoscaling cluster)"
-        )
-
-
-def _fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,14 +203,14 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
     """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`."""
-    if cfg.scaling.check_resources:
-        check_resources(cfg)
-    datasets = prepare_data(cfg)
-    trainer = build_trainer(cfg, datasets, fault=fault)
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        raise TrainError(f"training run {cfg.name!r} failed: {exc}") from exc
+    with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
+        datasets = prepare_data(cfg)
+        trainer = build_trainer(cfg, datasets, fault=fault)
+        hold.release()  # Train's own placement group takes the nodes over
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            raise TrainError(f"training run {cfg.name!r} failed: {exc}") from exc
     if result.error is not None:
         raise TrainError(f"training run {cfg.name!r} failed: {result.error}")
     value = result.return_value or {}

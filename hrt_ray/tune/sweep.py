@@ -69,7 +69,8 @@ def check_trial_resources(cfg: ExperimentConfig) -> None:
     probe = from_dict(to_dict(cfg), source="resource check")
     probe.scaling.cpus_per_data_worker += TRIAL_CPU
     try:
-        check_resources(probe)
+        # Only what can never fit: each trial's own placement group makes the autoscaler scale.
+        check_resources(probe, wait=False)
     except ResourceError as exc:
         raise ResourceError(
             f"one sweep trial is a whole training run plus {TRIAL_CPU:g} CPU for the Tune trial itself "
