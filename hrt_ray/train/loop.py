@@ -494,9 +494,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         _remove_orphaned_checkpoint_dirs()
     pending_dir: str | None = None  # the local dir of the checkpoint whose async upload may still run
 
+    loss_args = loss_kwargs(cfg, device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
+
+        # Parameters in their gradients' layout: no "Grad strides do not match bucket view strides".
+        probe = probe_batch(cfg.data.crop_size, num_classes, device, cfg.model.channels_last)
+        align_parameter_layouts(model, *probe, loss_args, amp_dtype)
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         train_model: nn.Module = DistributedDataParallel(model, **ddp_kwargs)
     else:
@@ -509,7 +515,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     val_shard = ray.train.get_dataset_shard("val")
     per_worker = cfg.data.batch_size // max(world, 1)
     timeout = cfg.failure.stall_timeout_s
-    loss_args = loss_kwargs(cfg, device)
     tb = _TensorBoard(config["run_uri"], cfg.storage.endpoint) if rank == 0 else None
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
     # Finite: Ray's checkpoint-manager snapshot goes through JSON, where +-inf come back as None.
