@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint bench clean-venv
+.PHONY: train test lint bench gpu-check clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: lint
 
 bench: $(STAMP)
 	$(VENV)/bin/hrt-ray bench model
+
+# One CUDA GPU, <= 8 min: bf16 MFU, compile, a 1-GPU job, predict/export (benchmarks/README.md).
+gpu-check: $(STAMP)
+	$(VENV)/bin/hrt-ray bench gpu $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

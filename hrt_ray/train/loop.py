@@ -393,6 +393,41 @@ def _upload_mode(cfg: ExperimentConfig) -> Any:
     return CheckpointUploadMode.ASYNC if cfg.checkpoint.upload == "async" else CheckpointUploadMode.SYNC
 
 
+def report_checkpoint(
+    metrics: dict[str, Any],
+    state: dict[str, Any],
+    upload_mode: Any,
+    previous_dir: str | None,
+    timeout_s: float,
+) -> str:
+    """Rank 0's ``ray.train.report`` with a checkpoint of ``state``; returns its local directory.
+
+    Waits for the previous checkpoint's upload first (at most one in flight), writes ``state``
+    atomically to a fresh local directory and reports it with ``upload_mode``. Not a
+    TemporaryDirectory: with an async upload Ray still reads it after ``report()`` returns, and
+    deletes it once uploaded (``delete_local_checkpoint_after_upload``); on an error here it is
+    removed at once.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    if previous_dir is not None:
+        _wait_for_upload(previous_dir, timeout_s)
+    tmp = tempfile.mkdtemp(prefix=f"hrt-ckpt-{os.getpid()}-")
+    try:
+        save_state(tmp, state)
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_upload_mode=upload_mode,
+            delete_local_checkpoint_after_upload=True,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
 def _wait_for_upload(local_dir: str, timeout_s: float) -> None:
     """Wait until Ray has uploaded (and so deleted) the previous checkpoint's local directory.
 
@@ -439,7 +474,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from hrt_ray.data import iter_batches
 
@@ -560,39 +594,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics.setdefault(metric, worst)
         rngs = _gather_objects(rng_state()) if with_checkpoint else None
         if rank == 0 and with_checkpoint:
-            if pending_dir is not None:
-                _wait_for_upload(pending_dir, cfg.failure.stall_timeout_s)
-            # Not a TemporaryDirectory: with an async upload Ray still reads it after report()
-            # returns, and deletes it once uploaded (delete_local_checkpoint_after_upload).
-            tmp = tempfile.mkdtemp(prefix=f"hrt-ckpt-{os.getpid()}-")
-            try:
-                save_state(
-                    tmp,
-                    {
-                        "model": unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else {},
-                        "iteration": iteration,
-                        "data_epoch": data_epoch,
-                        "best": best,
-                        "history": history,
-                        "rng": rngs,
-                        "arch": cfg.model.arch,
-                        "num_classes": num_classes,
-                        "config": config["cfg"],
-                    },
-                )
-                ray.train.report(
-                    metrics,
-                    checkpoint=Checkpoint.from_directory(tmp),
-                    checkpoint_upload_mode=upload_mode,
-                    delete_local_checkpoint_after_upload=True,
-                )
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            pending_dir = tmp
+            pending_dir = report_checkpoint(
+                metrics,
+                {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "iteration": iteration,
+                    "data_epoch": data_epoch,
+                    "best": best,
+                    "history": history,
+                    "rng": rngs,
+                    "arch": cfg.model.arch,
+                    "num_classes": num_classes,
+                    "config": config["cfg"],
+                },
+                upload_mode,
+                pending_dir,
+                cfg.failure.stall_timeout_s,
+            )
         else:
             ray.train.report(metrics, checkpoint=None)
         if with_checkpoint:
