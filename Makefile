@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv system-tools
+.PHONY: train test test-fast lint bench gpu-check clean-venv system-tools
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-fast: lint
 
 bench: $(STAMP)
 	$(VENV)/bin/hrt-ray bench model
+
+# One CUDA GPU, <= 8 min: bf16 MFU, compile, a 1-GPU job, predict/export (benchmarks/README.md).
+gpu-check: $(STAMP)
+	$(VENV)/bin/hrt-ray bench gpu $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

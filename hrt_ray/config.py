@@ -142,7 +142,7 @@ class OptimConfig:
     warmup_ratio: float = 1e-6
     poly_power: float = 0.9
     max_iters: int = 150
-    #: Mixed precision on GPU: bf16, fp16 (with a grad scaler) or off. CPU always runs fp32.
+    #: Mixed precision (autocast) on GPU and CPU: bf16, fp16 (with a grad scaler) or off (fp32).
     amp: Literal["bf16", "fp16", "off"] = "off"
     grad_clip: float | None = None
 
@@ -286,6 +286,9 @@ class CheckpointConfig:
     keep: int = 2
     metric: str = "val/mIoU"
     mode: Literal["max", "min"] = "max"
+    #: ``async``: training continues while Ray uploads the checkpoint in the background (it is
+    #: registered only once complete); ``sync``: every worker waits for the upload at each report.
+    upload: Literal["async", "sync"] = "async"
 
     def validate(self, path: str) -> None:
         if self.every < 1:

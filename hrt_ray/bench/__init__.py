@@ -15,6 +15,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("hrt_ray.bench.data", "Augmented crops/s (and per core) of Ray Data vs a torch DataLoader."),
     "predict": ("hrt_ray.bench.predict", "Batch inference images/s of hrt-ray predict (Ray Data actors)."),
     "model": ("hrt_ray.bench.model", "Model parameters, FLOPs, forward/backward time and peak memory."),
+    "checkpoint": (
+        "hrt_ray.bench.checkpoint",
+        "Seconds workers are blocked per checkpoint, sync vs async upload, against S3.",
+    ),
+    "gpu": ("hrt_ray.bench.gpu", "make gpu-check: model MFU, compile, 1-GPU job, predict/export on a GPU."),
 }
 
 

@@ -255,11 +255,16 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
+    warmup_s: dict[str, float] = {}
+
     def timed(step) -> tuple[list[float], list[float]]:
         """Wall-clock and process CPU seconds per step (CPU time is the steadier figure on a busy box)."""
+        start = time.perf_counter()
         for _ in range(spec["warmup"]):
             step()
         sync()
+        # With --compile the warm-up holds the compilation: gpu-check reports it as compile time.
+        warmup_s[step.__name__] = time.perf_counter() - start
         times, cpu = [], []
         for _ in range(spec["iters"]):
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -307,6 +312,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_bytes": None if cuda else rss_before,
+        "fwd_warmup_s": warmup_s["forward"],
+        "fwd_bwd_warmup_s": warmup_s["forward_backward"],
     }
 
 

@@ -112,6 +112,12 @@ class _BatchNormGELU(torch.autograd.Function):
     GELU backward). In the transformer blocks' FFN that is two hidden-width (4x) tensors per block
     kept only to be re-derivable from each other; dropping one per pair cuts the backbone's
     activation memory by about a fifth at the cost of one cheap pass in backward.
+
+    Under autocast it runs in the dtype of ``x`` (the autocast dtype: the convolution before it
+    produced it), as autocast runs ``batch_norm`` itself: ``native_batch_norm`` takes half input
+    with fp32 weight and running statistics and accumulates the batch statistics in fp32. The
+    backward ops are not autocast ops, so backward needs no ``custom_bwd``; autograd casts each
+    gradient to its input's dtype (fp32 for the affine parameters).
     """
 
     @staticmethod

@@ -44,13 +44,25 @@ def _conv_bn_relus(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 if it is a half type (fp16/bf16); fp32/fp64 pass unchanged (exactness tests)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class SpatialGather(nn.Module):
     """Soft object regions: features ``(B, H, W, C)`` and logits ``(B, H, W, K)`` -> ``(B, K, 1, C)``
-    (the official ``(B, C, K, 1)`` proxy, channels-last)."""
+    (the official ``(B, C, K, 1)`` proxy, channels-last).
+
+    Runs in fp32 even under autocast: the softmax is over all H*W pixels (tens of thousands), so
+    in bf16 the small probabilities round away and the weighted sum over space loses the
+    object-region averages HRNet+OCR's mIoU depends on. Weight-free and cheap (K x HW x C).
+    """
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        probs = logits.flatten(1, 2).softmax(dim=1)  # B, HW, K: each class's distribution over space
-        return (probs.transpose(1, 2) @ feats.flatten(1, 2)).unsqueeze(2)  # B, K, 1, C
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            logits, feats = at_least_fp32(logits), at_least_fp32(feats)
+            probs = logits.flatten(1, 2).softmax(dim=1)  # B, HW, K: each class's distribution over space
+            return (probs.transpose(1, 2) @ feats.flatten(1, 2)).unsqueeze(2)  # B, K, 1, C
 
 
 class ObjectAttentionBlock(nn.Module):
@@ -74,7 +86,10 @@ class ObjectAttentionBlock(nn.Module):
         query = _conv_bn_relus(self.f_pixel, x).reshape(b, 1, h * w, self.key_channels)
         key = _conv_bn_relus(self.f_object, proxy).flatten(1, 2).unsqueeze(1)  # B, 1, K, Ck
         value = _conv_bn_relus(self.f_down, proxy).flatten(1, 2).unsqueeze(1)
-        context = F.scaled_dot_product_attention(query, key, value)  # softmax(q k^T / sqrt(Ck)) v
+        # The pixel-to-object softmax in fp32 under autocast too (K keys only: cheap), see SpatialGather.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            query, key, value = at_least_fp32(query), at_least_fp32(key), at_least_fp32(value)
+            context = F.scaled_dot_product_attention(query, key, value)  # softmax(q k^T / sqrt(Ck)) v
         return _conv_bn_relus(self.f_up, context.view(b, h, w, self.key_channels))
 
 

@@ -98,9 +98,11 @@ def _upsample_conv_factorised(x: torch.Tensor, weight: torch.Tensor, size: tuple
     z = x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight.permute(1, 2, 3, 0).reshape(c, 9 * k)
     # Along W: for every (n, dy, y), contract (dx, x) with the tap matrix -> (n, dy, y, out_w, k).
     z = z.view(n, h, w, 3, 3, k).permute(0, 3, 1, 4, 2, 5).reshape(n * 3 * h, 3 * w, k)
-    t = tap_matrix(w, out_w, x.dtype, x.device) @ z
+    # In z's dtype: under autocast that is the autocast dtype, and a cached matrix of that dtype
+    # saves autocast a cast per call.
+    t = tap_matrix(w, out_w, z.dtype, x.device) @ z
     # Along H: contract (dy, y) -> (n, out_h, out_w * k), i.e. channels-last.
-    out = tap_matrix(h, out_h, x.dtype, x.device) @ t.view(n, 3 * h, out_w * k)
+    out = tap_matrix(h, out_h, t.dtype, x.device) @ t.view(n, 3 * h, out_w * k)
     return out.view(n, out_h, out_w, k)
 
 
@@ -145,5 +147,6 @@ def upsample_concat_conv3x3(
         out = y if out is None else out + y
     assert out is not None
     if bias is not None:
-        out = out + bias
+        # In out's dtype: an fp32 bias would promote an autocast (bf16/fp16) result to fp32.
+        out = out + bias.to(out.dtype)
     return out.permute(0, 3, 1, 2)

@@ -13,8 +13,10 @@ the single-process benchmark runs exactly the same code without Ray.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,16 +42,57 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stops before any checkpoint of the broken state."""
 
 
+class NonFiniteStateError(NonFiniteLossError):
+    """Parameters, buffers or optimizer state became NaN/inf (e.g. a finite but huge loss stepped
+    the weights to inf); raised instead of writing the checkpoint, so none of a broken state exists."""
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks shared by the Ray loop and the plain-process benchmark
 # --------------------------------------------------------------------------------------------
 
 
 def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
-    """bf16/fp16 autocast on GPU as configured; CPU always trains in fp32."""
-    if device.type != "cuda" or cfg.optim.amp == "off":
+    """The autocast dtype ``optim.amp`` asks for, on GPU and CPU alike (``None``: fp32).
+
+    CPU autocast is a real feature on CPUs with bf16 units, and it runs the same mixed-precision
+    code path as a GPU (half activations, fp32 softmax in the OCR head and fp32 loss), so the
+    AMP path is tested on machines without a GPU too.
+    """
+    if cfg.optim.amp == "off":
         return None
     return torch.bfloat16 if cfg.optim.amp == "bf16" else torch.float16
+
+
+def build_grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """A grad scaler for fp16 (whose range needs one; bf16 has fp32's range), on ``device``'s type."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the parameters, buffers and optimizer-state tensors holding a NaN or inf.
+
+    One fused pass: the max-abs norm of every floating tensor (``torch._foreach_norm`` with
+    ``ord=inf``, which is finite exactly when every element is, and no overflow of a sum of
+    squares), then one ``isfinite`` over those norms; names are looked up only if one is bad.
+    """
+    named: list[tuple[str, torch.Tensor]] = [
+        (f"model.{n}", t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+    ]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    named.append((f"optimizer.{names.get(id(p), '?')}.{key}", value))
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    norms = torch._foreach_norm([t.detach() for _, t in named], float("inf"))
+    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+    if bool(finite.all()):
+        return []
+    return [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
 
 
 def build_training_model(
@@ -118,7 +161,12 @@ def train_step(
     channels_last: bool = False,
     poison_loss: bool = False,
 ) -> StepResult:
-    """One optimisation step. Raises :class:`NonFiniteLossError` unless a grad scaler handles it."""
+    """One optimisation step. Raises :class:`NonFiniteLossError` unless a grad scaler handles it.
+
+    The forward runs under autocast (``amp_dtype``); the loss runs outside it, in fp32. With an
+    fp16 ``scaler`` a step whose gradients hold inf/NaN is skipped (weights and optimizer state
+    untouched) and the scale backs off; ``StepResult.skipped`` says so.
+    """
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"].to(device, non_blocking=True)
     if channels_last:
@@ -133,11 +181,10 @@ def train_step(
     if poison_loss:
         loss = loss * float("nan")
     if not bool(torch.isfinite(loss.detach())) and scaler is None:
+        # scheduler.last_epoch counts the steps done; this one would be iteration last_epoch + 1.
         raise NonFiniteLossError(
-            f"non-finite loss ({float(loss.detach())}) at iteration {scheduler.last_epoch}; "
-            "stopping before the next checkpoint so no broken state is saved "
-            "(lower optim.lr, raise optim.warmup_iters, or use optim.amp=fp16, "
-            "whose grad scaler skips such steps)"
+            f"non-finite loss ({float(loss.detach())}) at iteration {scheduler.last_epoch + 1}; "
+            "this step was not applied"
         )
     optimizer.zero_grad(set_to_none=True)
     skipped = False
@@ -311,6 +358,108 @@ class _TensorBoard:
         self.writer.close()
 
 
+def _last_checkpoint_text(iteration: int | None) -> str:
+    if iteration is None:
+        return "this run has no checkpoint yet"
+    return f"the last checkpoint (reported; the run resumes from it) is at iteration {iteration}"
+
+
+def _any_across_workers(flag: bool, device: torch.device) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint upload
+# --------------------------------------------------------------------------------------------
+
+
+def _upload_mode(cfg: ExperimentConfig) -> Any:
+    """Ray's ``CheckpointUploadMode`` for ``checkpoint.upload``.
+
+    ``async``: ``ray.train.report`` returns once rank 0 has written the state to local disk; Ray
+    uploads it in a background thread and registers the checkpoint only when the upload is
+    complete (a crash mid-upload leaves the previous checkpoint the latest: never half-written).
+    An upload error is raised in the training thread and fails the worker group like any error.
+    ``sync``: every rank waits at the report barrier until the upload is done.
+    """
+    from ray.train.v2.api.report_config import CheckpointUploadMode
+
+    return CheckpointUploadMode.ASYNC if cfg.checkpoint.upload == "async" else CheckpointUploadMode.SYNC
+
+
+def report_checkpoint(
+    metrics: dict[str, Any],
+    state: dict[str, Any],
+    upload_mode: Any,
+    previous_dir: str | None,
+    timeout_s: float,
+) -> str:
+    """Rank 0's ``ray.train.report`` with a checkpoint of ``state``; returns its local directory.
+
+    Waits for the previous checkpoint's upload first (at most one in flight), writes ``state``
+    atomically to a fresh local directory and reports it with ``upload_mode``. Not a
+    TemporaryDirectory: with an async upload Ray still reads it after ``report()`` returns, and
+    deletes it once uploaded (``delete_local_checkpoint_after_upload``); on an error here it is
+    removed at once.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    if previous_dir is not None:
+        _wait_for_upload(previous_dir, timeout_s)
+    tmp = tempfile.mkdtemp(prefix=f"hrt-ckpt-{os.getpid()}-")
+    try:
+        save_state(tmp, state)
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_upload_mode=upload_mode,
+            delete_local_checkpoint_after_upload=True,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _wait_for_upload(local_dir: str, timeout_s: float) -> None:
+    """Wait until Ray has uploaded (and so deleted) the previous checkpoint's local directory.
+
+    Ray's upload pool has one thread and queues the rest: without this, checkpoints written faster
+    than they upload would pile up on local disk. A failed upload never deletes the directory, but
+    Ray raises its error in the training thread, which ends the worker group before the timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(local_dir):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the previous checkpoint ({local_dir}) has not finished uploading after {timeout_s:.0f} s "
+                "(failure.stall_timeout_s); is the storage reachable?"
+            )
+        time.sleep(0.05)
+
+
+def _remove_orphaned_checkpoint_dirs() -> None:
+    """Delete local checkpoint directories of dead processes (an async upload that never finished:
+    its worker died). Named ``hrt-ckpt-<pid>-*``; a live process's are left alone."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "hrt-ckpt-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
+
+
 # --------------------------------------------------------------------------------------------
 # The worker function
 # --------------------------------------------------------------------------------------------
@@ -325,7 +474,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from hrt_ray.data import iter_batches
 
@@ -346,7 +494,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     scheduler = build_scheduler(
         optimizer, cfg.optim.max_iters, cfg.optim.warmup_iters, cfg.optim.warmup_ratio, cfg.optim.poly_power
     )
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = build_grad_scaler(amp_dtype, device)
 
     iteration, data_epoch, best = 0, 0, None
     history: list[list[float]] = []
@@ -373,10 +521,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else:  # world size changed (elastic): derive fresh, distinct streams
             seed_everything(cfg.seed * 1000 + rank + 7919 * iteration)
         resumed_from = iteration
+    # The iteration of the last checkpoint this run has (None: none yet), for accurate errors.
+    last_checkpoint: int | None = resumed_from
+    upload_mode = _upload_mode(cfg)
+    if rank == 0:
+        _remove_orphaned_checkpoint_dirs()
+    pending_dir: str | None = None  # the local dir of the checkpoint whose async upload may still run
 
+    loss_args = loss_kwargs(cfg, device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
+
+        # Parameters in their gradients' layout: no "Grad strides do not match bucket view strides".
+        probe = probe_batch(cfg.data.crop_size, num_classes, device, cfg.model.channels_last)
+        align_parameter_layouts(model, *probe, loss_args, amp_dtype)
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         train_model: nn.Module = DistributedDataParallel(model, **ddp_kwargs)
     else:
@@ -389,7 +549,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     val_shard = ray.train.get_dataset_shard("val")
     per_worker = cfg.data.batch_size // max(world, 1)
     timeout = cfg.failure.stall_timeout_s
-    loss_args = loss_kwargs(cfg, device)
     tb = _TensorBoard(config["run_uri"], cfg.storage.endpoint) if rank == 0 else None
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
     # Finite: Ray's checkpoint-manager snapshot goes through JSON, where +-inf come back as None.
@@ -410,7 +569,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         return metrics.as_report("val/")
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
-        nonlocal best
+        nonlocal best, last_checkpoint, pending_dir
+        if with_checkpoint:
+            # Every rank checks (and agrees), so no rank waits at the report barrier for a rank
+            # that stopped; the state is checked before anything is written.
+            bad = non_finite_state(unwrap(model), optimizer)
+            if _any_across_workers(bool(bad), device):
+                more = " ..." if len(bad) > 5 else ""
+                which = f" ({', '.join(bad[:5])}{more} on rank {rank})" if bad else ""
+                raise NonFiniteStateError(
+                    f"non-finite weights or optimizer state after iteration {iteration}{which}; "
+                    f"no checkpoint of it was saved, {_last_checkpoint_text(last_checkpoint)}. Lower "
+                    "optim.lr or raise optim.warmup_iters (or set optim.grad_clip) and run again"
+                )
         value = metrics.get(metric)
         if value is not None and (best is None or (value > best if mode == "max" else value < best)):
             best = float(value)
@@ -423,27 +594,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics.setdefault(metric, worst)
         rngs = _gather_objects(rng_state()) if with_checkpoint else None
         if rank == 0 and with_checkpoint:
-            with tempfile.TemporaryDirectory(prefix="hrt-ckpt-") as tmp:
-                save_state(
-                    tmp,
-                    {
-                        "model": unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else {},
-                        "iteration": iteration,
-                        "data_epoch": data_epoch,
-                        "best": best,
-                        "history": history,
-                        "rng": rngs,
-                        "arch": cfg.model.arch,
-                        "num_classes": num_classes,
-                        "config": config["cfg"],
-                    },
-                )
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            pending_dir = report_checkpoint(
+                metrics,
+                {
+                    "model": unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "iteration": iteration,
+                    "data_epoch": data_epoch,
+                    "best": best,
+                    "history": history,
+                    "rng": rngs,
+                    "arch": cfg.model.arch,
+                    "num_classes": num_classes,
+                    "config": config["cfg"],
+                },
+                upload_mode,
+                pending_dir,
+                cfg.failure.stall_timeout_s,
+            )
         else:
             ray.train.report(metrics, checkpoint=None)
+        if with_checkpoint:
+            last_checkpoint = iteration
 
     if iteration == 0 and cfg.eval.at_start:
         val = run_validation()
@@ -475,19 +649,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if not marker.exists():
                     marker.write_text(f"crashed at iteration {iteration + 1}\n")
                     os._exit(17)
-            step = train_step(
-                train_model,
-                batch,
-                optimizer,
-                scheduler,
-                scaler,
-                loss_args,
-                device,
-                amp_dtype,
-                grad_clip=cfg.optim.grad_clip,
-                channels_last=cfg.model.channels_last,
-                poison_loss=fault.get("nan_at_iter") == iteration + 1,
-            )
+            try:
+                step = train_step(
+                    train_model,
+                    batch,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    loss_args,
+                    device,
+                    amp_dtype,
+                    grad_clip=cfg.optim.grad_clip,
+                    channels_last=cfg.model.channels_last,
+                    poison_loss=fault.get("nan_at_iter") == iteration + 1,
+                )
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(
+                    f"{exc}; nothing after iteration {last_checkpoint or 0} was saved, "
+                    f"{_last_checkpoint_text(last_checkpoint)}. Lower optim.lr, raise "
+                    "optim.warmup_iters, or use optim.amp=fp16, whose grad scaler skips such steps"
+                ) from None
             iteration += 1
             meter.steps += 1
             meter.images += int(batch["image"].shape[0])
