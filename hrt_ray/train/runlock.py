@@ -100,6 +100,9 @@ class RunLock:
         self.retry = retry or storage.RetryPolicy()
         self.loc = storage.resolve(self.uri, endpoint, self.retry)
         self.holder: Holder | None = None
+        #: A local run directory this lock created: removed again on release if left empty,
+        #: so a run refused before it wrote anything leaves no trace.
+        self._created_dir: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -155,6 +158,10 @@ class RunLock:
         except (OSError, storage.StorageError) as exc:
             logger.warning("could not release the run lock %s: %s", self.uri, exc)
         self.holder = None
+        if self._created_dir is not None:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something; keep it
+                os.rmdir(self._created_dir)
+            self._created_dir = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -190,7 +197,10 @@ class RunLock:
         """Create the lock file only if there is none; ``True`` if it is now ours."""
         data = me.encode()
         if not storage.is_remote(self.uri):
-            os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
+            run_dir = os.path.dirname(self.loc.path)
+            if not os.path.isdir(run_dir):
+                os.makedirs(run_dir, exist_ok=True)
+                self._created_dir = run_dir
             try:
                 fd = os.open(self.loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
