@@ -109,3 +109,19 @@ def test_restored_optimiser_and_schedule_follow_the_new_lr() -> None:
     expected = 0.5 * warmup_poly_factor(4, 10, 2, 1e-6)
     assert [g["lr"] for g in opt2.param_groups] == pytest.approx([expected, expected])
     assert opt2.param_groups[1]["weight_decay"] == 0.0 and opt2.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_cli_refuses_a_changed_config_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import ray
+
+    from hrt_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no jobs/default.yaml here: the built-in defaults
+    write_checkpoint(tmp_path / "runs" / "r", "01", 3, run_config(tmp_path))
+    assert not ray.is_initialized()
+    assert main(["train", "name=r", f"storage.path={tmp_path / 'runs'}", "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.001 -> 0.5" in err and "--accept-config-change" in err
+    assert not ray.is_initialized(), "refused before Ray started"

@@ -57,9 +57,18 @@ def run(args: argparse.Namespace) -> int:
     from hrt_ray import storage
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.ray_local import ensure_ray
+    from hrt_ray.train.resume import check_resume
     from hrt_ray.train.runlock import RunLockedError
     from hrt_ray.train.trainer import ResourceError, TrainError, fit
 
+    try:  # a resume with a changed config or another model is refused before Ray even starts
+        check_resume(cfg, accept_changes=args.accept_config_change)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except input_errors() as exc:
+        print(f"error: training run {cfg.name!r} cannot resume: {exc}", file=sys.stderr)
+        return 1
     ensure_ray()
     try:
         summary = fit(cfg, accept_config_change=args.accept_config_change)
