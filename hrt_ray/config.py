@@ -272,10 +272,23 @@ class StorageConfig:
     path: str = "runs"
     #: S3-compatible endpoint override (``http://host:port``); else ``AWS_ENDPOINT_URL``.
     endpoint: str | None = None
+    #: Retries of a checkpoint/snapshot/log write or read that failed on a transient error
+    #: (connection refused or dropped, timeout, 5xx), with exponential backoff starting at
+    #: ``retry_backoff_s`` and capped at 30 s per wait: the defaults ride out ~1 min of outage.
+    retries: int = 6
+    retry_backoff_s: float = 1.0
+    #: A run lock whose heartbeat is older than this is stale (its run died) and is taken over.
+    lock_stale_s: float = 300.0
 
     def validate(self, path: str) -> None:
         if not self.path:
             raise ConfigError(f"{path}.path: must be a local path, s3:// or gs:// URI")
+        if self.retries < 0:
+            raise ConfigError(f"{path}.retries: must be >= 0 (0 = no retries), got {self.retries}")
+        if self.retry_backoff_s < 0:
+            raise ConfigError(f"{path}.retry_backoff_s: must be >= 0, got {self.retry_backoff_s}")
+        if self.lock_stale_s <= 0:
+            raise ConfigError(f"{path}.lock_stale_s: must be > 0, got {self.lock_stale_s}")
 
 
 @dataclass

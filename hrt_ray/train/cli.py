@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=2e-4"
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    parser.add_argument(
+        "--accept-config-change",
+        action="store_true",
+        help="resume even though the config differs from the checkpoint's (beyond resume-safe keys); "
+        "the new values then apply",
+    )
 
 
 def default_config_path(explicit: str | None) -> str | None:
@@ -51,13 +57,26 @@ def run(args: argparse.Namespace) -> int:
     from hrt_ray import storage
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.ray_local import ensure_ray
+    from hrt_ray.train.resume import check_resume
+    from hrt_ray.train.runlock import RunLockedError
     from hrt_ray.train.trainer import ResourceError, TrainError, fit
 
+    try:  # a resume with a changed config or another model is refused before Ray even starts
+        check_resume(cfg, accept_changes=args.accept_config_change)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except input_errors() as exc:
+        print(f"error: training run {cfg.name!r} cannot resume: {exc}", file=sys.stderr)
+        return 1
     ensure_ray()
     try:
-        summary = fit(cfg)
+        summary = fit(cfg, accept_config_change=args.accept_config_change)
     except ResourceError as exc:
         print(f"resource error: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, RunLockedError) as exc:  # a changed config on resume; a run already running
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except (TrainError, *input_errors()) as exc:
         print(f"error: training run {cfg.name!r} failed: {exc}", file=sys.stderr)

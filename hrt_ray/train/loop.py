@@ -29,6 +29,7 @@ from torch import nn
 from hrt_ray.config import ExperimentConfig, from_dict
 from hrt_ray.eval.inference import predict
 from hrt_ray.eval.metrics import SegMetrics, all_reduce_confusion, confusion_matrix, metrics_from_confusion
+from hrt_ray.storage import RetryPolicy
 from hrt_ray.train.loss import segmentation_loss
 from hrt_ray.train.optim import build_optimizer, build_scheduler
 from hrt_ray.train.state import rng_state, save_state, seed_everything, set_rng_state, unwrap
@@ -331,11 +332,12 @@ def _gather_objects(obj: Any) -> list[Any]:
 class _TensorBoard:
     """Rank 0's event files, in ``<run dir>/tensorboard`` (uploaded after each report if remote)."""
 
-    def __init__(self, run_uri: str, endpoint: str | None) -> None:
+    def __init__(self, run_uri: str, endpoint: str | None, retry: Any = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         from hrt_ray import storage
 
+        self.retry = retry
         self.remote = storage.is_remote(run_uri)
         self.target = f"{run_uri.rstrip('/')}/tensorboard"
         self.endpoint = endpoint
@@ -352,7 +354,9 @@ class _TensorBoard:
             from hrt_ray import storage
 
             for path in self.local.iterdir():
-                storage.write_bytes(f"{self.target}/{path.name}", path.read_bytes(), endpoint=self.endpoint)
+                storage.write_bytes(
+                    f"{self.target}/{path.name}", path.read_bytes(), endpoint=self.endpoint, retry=self.retry
+                )
 
     def close(self) -> None:
         self.writer.close()
@@ -499,14 +503,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     iteration, data_epoch, best = 0, 0, None
     history: list[list[float]] = []
     resumed_from: int | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        from hrt_ray.train.state import load_reported_state
+    # The newest complete checkpoint on storage or Ray's registered one, whichever is later.
+    from hrt_ray.train.resume import apply_optim_config, resume_state
 
-        state = load_reported_state(checkpoint)
+    state, _ = resume_state(ray.train.get_checkpoint(), config["run_uri"], cfg)
+    if state is not None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_optim_config(optimizer, scheduler, cfg)  # an accepted config change really applies
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         iteration = int(state["iteration"])
@@ -549,7 +554,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     val_shard = ray.train.get_dataset_shard("val")
     per_worker = cfg.data.batch_size // max(world, 1)
     timeout = cfg.failure.stall_timeout_s
-    tb = _TensorBoard(config["run_uri"], cfg.storage.endpoint) if rank == 0 else None
+    tb = (
+        _TensorBoard(config["run_uri"], cfg.storage.endpoint, RetryPolicy.from_config(cfg.storage))
+        if rank == 0
+        else None
+    )
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
     # Finite: Ray's checkpoint-manager snapshot goes through JSON, where +-inf come back as None.
     worst = -UNSCORED if mode == "max" else UNSCORED

@@ -9,13 +9,24 @@ objects, so a checkpoint from an untrusted bucket cannot run code.
 The file is written to a temporary name and renamed, so a crash never leaves a half-written
 ``checkpoint.pt``; Ray then uploads the finished directory (its upload is atomic per
 checkpoint: a checkpoint is registered only once fully persisted).
+
+Beside it, ``hrt-checkpoint.json`` (the *manifest*) records the size and SHA-256 of
+``checkpoint.pt``, the iteration, the model and the run's config. A checkpoint directory on
+storage is *complete* when its manifest parses and ``checkpoint.pt`` has the recorded size, so
+a resume can pick the newest complete checkpoint from storage itself, even one that Ray's run
+snapshot never listed (its write failed, or the controller died first), and the driver can read
+the config a run was trained with without downloading the weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import posixpath
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +34,9 @@ import numpy as np
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+MANIFEST_FILE = "hrt-checkpoint.json"
+#: Ray names the checkpoint directories it persists ``checkpoint_<timestamp>``.
+CHECKPOINT_DIR_PREFIX = "checkpoint_"
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,19 +82,99 @@ def seed_everything(seed: int) -> None:
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` as ``directory/checkpoint.pt`` atomically (temp file, fsync, rename)."""
+    """Write ``state`` as ``directory/checkpoint.pt`` atomically (temp file, fsync, rename), then
+    its manifest (size, SHA-256, iteration, model, config), also atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}"
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    _write_atomic(target, payload)
+    manifest = {
+        "format": 1,
+        "file": CHECKPOINT_FILE,
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "iteration": int(state.get("iteration", 0)),
+        "arch": state.get("arch"),
+        "num_classes": state.get("num_classes"),
+        "config": state.get("config"),
+    }
+    _write_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    return target
+
+
+def _write_atomic(target: Path, data: Any) -> None:
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
-        fh.write(buffer.getbuffer())
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, target)
-    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints as they lie on storage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A complete checkpoint directory on storage (``path`` is inside ``filesystem``)."""
+
+    path: str
+    iteration: int
+    manifest: dict[str, Any]
+
+
+def complete_checkpoints(filesystem: Any, run_path: str) -> list[StoredCheckpoint]:
+    """The complete checkpoints directly under ``run_path``, oldest first (by iteration, then name).
+
+    Complete = the manifest parses and ``checkpoint.pt`` has the size it records. A directory
+    without a manifest (written before manifests existed, or still uploading) does not count.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(run_path, recursive=True, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    sizes: dict[str, int] = {}
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        parent, name = posixpath.split(info.path)
+        if posixpath.dirname(parent).rstrip("/") != run_path.rstrip("/"):
+            continue
+        if posixpath.basename(parent).startswith(CHECKPOINT_DIR_PREFIX):
+            sizes[info.path] = int(info.size or 0)
+    found = []
+    for manifest_path in sorted(p for p in sizes if p.endswith("/" + MANIFEST_FILE)):
+        directory = posixpath.dirname(manifest_path)
+        try:
+            with filesystem.open_input_stream(manifest_path) as stream:
+                manifest = json.loads(stream.read())
+        except FileNotFoundError:
+            continue
+        except ValueError:  # a half-written manifest (local copy interrupted)
+            continue
+        data_path = f"{directory}/{manifest.get('file', CHECKPOINT_FILE)}"
+        if sizes.get(data_path) != manifest.get("size"):
+            continue
+        found.append(StoredCheckpoint(directory, int(manifest.get("iteration", -1)), manifest))
+    return sorted(found, key=lambda c: (c.iteration, c.path))
+
+
+def read_stored_state(filesystem: Any, checkpoint: StoredCheckpoint) -> dict[str, Any]:
+    """Load a stored checkpoint, checking its SHA-256 against the manifest (``weights_only``)."""
+    path = f"{checkpoint.path}/{checkpoint.manifest.get('file', CHECKPOINT_FILE)}"
+    with filesystem.open_input_stream(path) as stream:
+        data = stream.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != checkpoint.manifest.get("sha256"):
+        raise OSError(f"{path}: SHA-256 {digest} differs from its manifest's: the file is damaged")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

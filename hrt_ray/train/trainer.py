@@ -46,17 +46,22 @@ def run_uri(cfg: ExperimentConfig) -> str:
     return f"{storage_root(cfg)}/{cfg.name}"
 
 
-def ray_storage_path(cfg: ExperimentConfig) -> str:
-    """``storage_path`` for Ray: with ``storage.endpoint``, the endpoint goes into the URI query
-    (an ``s3://`` URI combined with ``storage_filesystem`` fails in Ray 2.60); without it Ray
-    reads ``AWS_ENDPOINT_URL`` from the environment."""
+def ray_storage(cfg: ExperimentConfig) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
+
+    On object storage: the bucket path without scheme plus our filesystem (endpoint from
+    ``storage.endpoint`` or ``AWS_ENDPOINT_URL``) wrapped to retry transient errors with
+    ``storage.retries`` / ``storage.retry_backoff_s``. Ray writes checkpoints and its controller
+    snapshot through it; without retries, an outage of a few seconds during the snapshot write
+    ends the run as a non-retryable controller error. Locally: the absolute path, no filesystem.
+    """
+    from hrt_ray import storage
+
     root = storage_root(cfg)
-    if root.startswith("s3://") and cfg.storage.endpoint:
-        parts = urlsplit(
-            cfg.storage.endpoint if "://" in cfg.storage.endpoint else f"http://{cfg.storage.endpoint}"
-        )
-        return f"{root}?endpoint_override={parts.netloc}&scheme={parts.scheme or 'http'}"
-    return root
+    if not storage.is_remote(root):
+        return root, None
+    loc = storage.resolve(root, cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
+    return loc.path, loc.filesystem
 
 
 def worker_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -120,9 +125,11 @@ def build_trainer(
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=bundle,
     )
+    storage_path, storage_filesystem = ray_storage(cfg)
     run_config = RunConfig(
         name=name or cfg.name,
-        storage_path=ray_storage_path(cfg),
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
         callbacks=callbacks,
         failure_config=FailureConfig(
             max_failures=cfg.failure.max_failures,
@@ -201,8 +208,33 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
     return build_datasets(cfg)
 
 
-def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
-    """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`."""
+def fit(
+    cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None, accept_config_change: bool = False
+) -> TrainSummary:
+    """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`.
+
+    Holds the run lock for the whole run (a second run of the same name refuses, naming the
+    holder) and, on a resume, refuses a changed config before anything is scheduled unless
+    ``accept_config_change`` (see :mod:`hrt_ray.train.resume`).
+    """
+    from hrt_ray import storage
+    from hrt_ray.train.resume import check_resume
+    from hrt_ray.train.runlock import RunLock
+
+    lock = RunLock(
+        run_uri(cfg),
+        endpoint=cfg.storage.endpoint,
+        stale_s=cfg.storage.lock_stale_s,
+        retry=storage.RetryPolicy.from_config(cfg.storage),
+    ).acquire()
+    try:
+        check_resume(cfg, accept_changes=accept_config_change)
+        return _fit(cfg, fault=fault)
+    finally:
+        lock.release()
+
+
+def _fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
     with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
         datasets = prepare_data(cfg)
         trainer = build_trainer(cfg, datasets, fault=fault)
