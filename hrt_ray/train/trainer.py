@@ -248,18 +248,30 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
     return build_datasets(cfg)
 
 
-def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
-    """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`."""
+def fit(
+    cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None
+) -> TrainSummary:
+    """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`.
+
+    A deterministic worker failure (see :mod:`hrt_ray.train.failures`) is not retried: an input
+    error (config, data, spec, checkpoint) is raised as itself, others as :class:`TrainError`.
+    """
+    from hrt_ray.train.failures import FailFast, describe, deterministic_cause
+
     if cfg.scaling.check_resources:
         check_resources(cfg)
     datasets = prepare_data(cfg)
-    trainer = build_trainer(cfg, datasets, fault=fault)
+    trainer = build_trainer(cfg, datasets, fault=fault, callbacks=[FailFast(), *(callbacks or [])])
     try:
         result = trainer.fit()
+        if result.error is not None:
+            raise result.error
     except Exception as exc:
-        raise TrainError(f"training run {cfg.name!r} failed: {exc}") from exc
-    if result.error is not None:
-        raise TrainError(f"training run {cfg.name!r} failed: {result.error}")
+        cause = deterministic_cause(exc)
+        if cause is not None and not isinstance(cause, RuntimeError):
+            raise cause from None  # ConfigError, DataError, SpecError, CheckpointError: the user's input
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else describe(exc)
+        raise TrainError(f"training run {cfg.name!r} failed: {detail}") from exc
     value = result.return_value or {}
     history = value.get("history") or []
     best_ckpt = None
