@@ -21,18 +21,57 @@ def _base(error: BaseException) -> BaseException:
     return getattr(error, "_base_exc", error)
 
 
-def is_deterministic(error: BaseException) -> bool:
-    """True for a failure that a retry of the same run would hit again."""
+def _deterministic_types() -> tuple[type[BaseException], ...]:
     from hrt_ray.config import ConfigError
     from hrt_ray.data import DataError, SpecError
     from hrt_ray.models.checkpoint import CheckpointError
     from hrt_ray.train.loop import NonFiniteLossError
 
-    base = _base(error)
-    if isinstance(base, (ConfigError, DataError, SpecError, CheckpointError, NonFiniteLossError)):
-        return True
-    # torch's load_state_dict: a resumed or initial checkpoint does not fit the model.
-    return isinstance(base, RuntimeError) and str(base).startswith("Error(s) in loading state_dict")
+    return (ConfigError, DataError, SpecError, CheckpointError, NonFiniteLossError)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps: Ray Train's wrapper, a Ray task error's cause, ``__cause__``."""
+    out: list[BaseException] = []
+    todo = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is seen for seen in out) or len(out) > 20:
+            continue
+        out.append(current)
+        for attr in ("_base_exc", "cause", "__cause__", "__context__"):
+            inner = getattr(current, attr, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+    return out
+
+
+def deterministic_error(error: BaseException) -> BaseException | None:
+    """The error a retry of the same run would hit again, if ``error`` is (or wraps) one.
+
+    Errors from Ray Data's decoding tasks reach the worker as a ``RayTaskError`` whose text
+    holds the original ``DataError`` line even where the exception chain did not survive
+    pickling; that line is turned back into a ``DataError``.
+    """
+    from hrt_ray.data import DataError
+
+    types = _deterministic_types()
+    for current in _chain(error):
+        if isinstance(current, types):
+            return current
+        # torch's load_state_dict: a resumed or initial checkpoint does not fit the model.
+        if isinstance(current, RuntimeError) and str(current).startswith("Error(s) in loading state_dict"):
+            return current
+    for line in reversed(str(_base(error)).splitlines()):
+        name, sep, message = line.strip().partition(": ")
+        if sep and name.rsplit(".", 1)[-1] == "DataError":
+            return DataError(message)
+    return None
+
+
+def is_deterministic(error: BaseException) -> bool:
+    """True for a failure that a retry of the same run would hit again."""
+    return deterministic_error(error) is not None
 
 
 class DeterministicFailure(RuntimeError):
@@ -52,8 +91,9 @@ class FailFast(UserCallback):
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):
-            if is_deterministic(error):
-                raise DeterministicFailure(rank, _base(error))
+            cause = deterministic_error(error)
+            if cause is not None:
+                raise DeterministicFailure(rank, cause)
 
 
 def deterministic_cause(error: BaseException) -> BaseException | None:
