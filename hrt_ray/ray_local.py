@@ -64,6 +64,9 @@ def _init(ray, num_cpus: int | None, verbose: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = _free_port()
     ray.init(
+        # "local": without it ray.init() joins whatever cluster `ray start` last left on this
+        # machine (another user's, or a test's), despite RAY_ADDRESS being unset.
+        address="local",
         num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
         dashboard_host="127.0.0.1",
         dashboard_port=port,

@@ -62,10 +62,11 @@ def deterministic_error(error: BaseException) -> BaseException | None:
         # torch's load_state_dict: a resumed or initial checkpoint does not fit the model.
         if isinstance(current, RuntimeError) and str(current).startswith("Error(s) in loading state_dict"):
             return current
-    for line in reversed(str(_base(error)).splitlines()):
-        name, sep, message = line.strip().partition(": ")
-        if sep and name.rsplit(".", 1)[-1] == "DataError":
-            return DataError(message)
+    for current in _chain(error):
+        for line in reversed(str(current).splitlines()):
+            name, sep, message = line.strip().partition(": ")
+            if sep and name.rsplit(".", 1)[-1] == "DataError":
+                return DataError(message)
     return None
 
 
