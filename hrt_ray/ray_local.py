@@ -35,7 +35,7 @@ def ensure_ray(num_cpus: int | None = None, *, verbose: bool = True) -> None:
     try:
         _init(ray, num_cpus, verbose)
     except Exception as exc:  # ray.init raises bare Exception on a start-up timeout
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
         raise RayStartError(
             f"could not start or join Ray ({where}): {first}. Check that RAY_ADDRESS names a running "
             f"cluster (or unset it for a local instance) and that the machine has free memory and disk"
