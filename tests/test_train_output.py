@@ -136,3 +136,40 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_ray_starts(tmp_path: Pat
     assert len(lines) == 1 and lines[0].startswith("config error: model.window_size: 200"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists(), "Ray never started"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    args = [*tiny(tmp_path, "sig"), "optim.max_iters=500", "checkpoint.every=1", "eval.at_start=false"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "hrt_ray", "train", "--no-eval", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the first report (with a checkpoint) is on screen
+        assert first.startswith("iter "), first + proc.stderr.read() if proc.stderr else first
+        proc.send_signal(signum)
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"no exit within 180 s of {signum.name}:\n{out}\n{err}")
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"interrupted \({signum.name}\): run 'sig' stopped at iteration \d+ \(last checkpoint at "
+        rf"iteration \d+, in .*/runs/sig\); resume with: hrt-ray train --no-eval .*name=sig.*",
+        last,
+    ), err
+    assert "Traceback" not in err and "SIGABRT" not in err and "*** " not in err, err
