@@ -139,7 +139,9 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_ray_starts(tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
     tmp_path: Path, signum: signal.Signals, code: int
 ) -> None:
