@@ -112,9 +112,9 @@ class Progress:
         if row.get("checkpoint"):
             self.last_checkpoint_iteration = iteration
         now = time.monotonic()
-        if "train/loss" in row and self._first is None:
-            self._first = (iteration - 1, now)  # ~ when this process saw training start
         line = self.format(row, now)
+        if "train/loss" in row and self._first is None:
+            self._first = (iteration, now)  # the wall-clock rate is measured from here on
         if self._bar is not None:
             self._bar.n = iteration
             self._bar.set_postfix_str(line.split("  ", 1)[1] if "  " in line else "", refresh=False)
@@ -124,11 +124,17 @@ class Progress:
         else:
             print(line, file=self.stream, flush=True)
 
-    def eta(self, iteration: int, now: float) -> float | None:
-        if self._first is None or iteration <= self._first[0]:
+    def eta(self, row: dict[str, Any], now: float) -> float | None:
+        """Remaining time at the wall-clock rate since the first training report (validation and
+        checkpoints included); before a second one, at the report's own step time."""
+        iteration = int(row.get("iteration", 0))
+        if self._first is not None and iteration > self._first[0]:
+            rate = (now - self._first[1]) / (iteration - self._first[0])
+        elif "perf/step_time_s" in row:
+            rate = float(row["perf/step_time_s"])
+        else:
             return None
-        rate = (now - self._first[1]) / (iteration - self._first[0])
-        return rate * (self.max_iters - iteration)
+        return rate * max(self.max_iters - iteration, 0)
 
     def format(self, row: dict[str, Any], now: float | None = None) -> str:
         """``iter 25/150  loss 1.234  lr 9.8e-04  41.2 img/s  data-wait 3%  val mIoU 23.45 (best ..)``."""
@@ -151,6 +157,6 @@ class Progress:
             best = f" (best {row['best']:.4g})" if "best" in row else ""
             parts.append(f"{self.metric} {row[self.metric]:.4g}{best}")
         parts.append(f"elapsed {_clock(now - self.started)}")
-        eta = self.eta(iteration, now)
+        eta = self.eta(row, now)
         parts.append(f"ETA {_clock(eta)}" if eta is not None else "ETA -")
         return "  ".join(parts)
