@@ -150,11 +150,14 @@ def build_trainer(
 ) -> Any:
     """The ``TorchTrainer`` for ``cfg`` (``loop`` defaults to the training loop).
 
-    ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``).
+    ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``),
+    after :class:`~hrt_ray.train.failures.FailFast`, which ends the run on a deterministic
+    worker failure instead of spending ``failure.max_failures`` retries on it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from hrt_ray.train.failures import FailFast
     from hrt_ray.train.loop import train_loop_per_worker
 
     bundle = worker_bundle(cfg)
@@ -170,7 +173,7 @@ def build_trainer(
     run_config = RunConfig(
         name=name or cfg.name,
         storage_path=ray_storage_path(cfg),
-        callbacks=callbacks,
+        callbacks=[FailFast(), *(callbacks or [])],
         failure_config=FailureConfig(
             max_failures=cfg.failure.max_failures,
             max_preemption_failures=cfg.failure.max_preemption_failures,
@@ -256,12 +259,12 @@ def fit(
     A deterministic worker failure (see :mod:`hrt_ray.train.failures`) is not retried: an input
     error (config, data, spec, checkpoint) is raised as itself, others as :class:`TrainError`.
     """
-    from hrt_ray.train.failures import FailFast, describe, deterministic_cause
+    from hrt_ray.train.failures import describe, deterministic_cause
 
     if cfg.scaling.check_resources:
         check_resources(cfg)
     datasets = prepare_data(cfg)
-    trainer = build_trainer(cfg, datasets, fault=fault, callbacks=[FailFast(), *(callbacks or [])])
+    trainer = build_trainer(cfg, datasets, fault=fault, callbacks=callbacks)
     try:
         result = trainer.fit()
         if result.error is not None:
