@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 # name -> (module holding add_arguments/run, one-line help)
@@ -42,25 +43,72 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hrt-ray",
         description="Train, evaluate, tune and serve HRFormer + OCR segmentation models on Ray.",
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Ray's own logs and full tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.set_defaults(_module=module_name)
         importlib.import_module(module_name).add_arguments(cmd)
+        # Also accepted after the command; SUPPRESS keeps a flag given before it.
+        cmd.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+            help="show Ray's own logs and full tracebacks",
+        )
     return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause and fix (bad input, storage, checkpoints): one line, exit code 2.
+
+    Imported only once a command failed, so a typo in a config stays a sub-second answer.
+    """
+    from hrt_ray.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, names in (
+        ("hrt_ray.data.codec", ("DataError",)),
+        ("hrt_ray.data.specs", ("SpecError",)),
+        ("hrt_ray.models.checkpoint", ("CheckpointError",)),
+        ("hrt_ray.storage", ("StorageError",)),
+        ("hrt_ray.ray_local", ("RayStartError",)),
+        ("hrt_ray.train.trainer", ("ResourceError",)),
+        ("hrt_ray.train.runlock", ("RunLockedError",)),
+    ):
+        mod = importlib.import_module(module)
+        errors += [getattr(mod, name) for name in names]
+    return tuple(errors)
+
+
+#: Label printed before a user error's message, by class name.
+_LABELS = {
+    "ConfigError": "config error",
+    "DataError": "data error",
+    "SpecError": "dataset spec error",
+    "CheckpointError": "checkpoint error",
+    "StorageError": "storage error",
+    "RayStartError": "ray error",
+    "ResourceError": "resource error",
+    "RunLockedError": "run locked",
+    "FileNotFoundError": "not found",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(args._module)
-    from hrt_ray.config import ConfigError  # stdlib + yaml only: cheap
-
     try:
         return int(module.run(args) or 0)
-    except ConfigError as exc:  # a broken config fails here, before any cluster resource
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not isinstance(exc, user_errors()):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        label = _LABELS.get(type(exc).__name__, "error")
+        print(f"{label}: {exc}", file=sys.stderr)
+        return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -159,6 +160,20 @@ class OptimConfig:
             )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{path}.betas: must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(
+                f"{path}.warmup_ratio: the warmup's starting fraction of lr, in [0, 1], "
+                f"got {self.warmup_ratio}"
+            )
+        if not 0 <= self.poly_power <= 10:
+            raise ConfigError(
+                f"{path}.poly_power: must be in [0, 10] (0.9 in the papers, 0 = constant), "
+                f"got {self.poly_power}"
+            )
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(
+                f"{path}.grad_clip: a max gradient norm > 0, or null for none; got {self.grad_clip}"
+            )
 
 
 @dataclass
@@ -182,6 +197,15 @@ class LossConfig:
             raise ConfigError(f"{path}.ohem_min_kept: must be >= 0")
         if self.aux_weight < 0:
             raise ConfigError(f"{path}.aux_weight: must be >= 0")
+        # Masks are 8-bit: an ignore label outside 0..255 never matches a pixel, so ignored pixels
+        # would reach the loss as class ids.
+        if not 0 <= self.ignore_index <= 255:
+            raise ConfigError(
+                f"{path}.ignore_index: must be the 8-bit mask value of ignored pixels, in 0..255 "
+                f"(255 for every built-in dataset), got {self.ignore_index}"
+            )
+        if self.class_weights is not None and any(w < 0 for w in self.class_weights):
+            raise ConfigError(f"{path}.class_weights: must be >= 0, got {self.class_weights}")
 
 
 @dataclass
@@ -329,8 +353,8 @@ class FailureConfig:
             raise ConfigError(f"{path}.max_failures: must be >= -1 (-1 = unlimited)")
         if self.max_preemption_failures < -1:
             raise ConfigError(f"{path}.max_preemption_failures: must be >= -1 (-1 = unlimited)")
-        if self.stall_timeout_s <= 0:
-            raise ConfigError(f"{path}.stall_timeout_s: must be > 0")
+        if self.stall_timeout_s < 1:
+            raise ConfigError(f"{path}.stall_timeout_s: must be >= 1 (seconds), got {self.stall_timeout_s}")
 
 
 @dataclass
@@ -374,6 +398,40 @@ class ExperimentConfig:
                 f"{path}data.batch_size: {self.data.batch_size} does not split evenly over "
                 f"scaling.num_workers={self.scaling.num_workers}"
             )
+        self._check_classes(path)
+
+    def _check_classes(self, path: str) -> None:
+        """Class-count checks that need no dataset spec file (the synthetic set's is in the config)."""
+        classes: int | None = None
+        source = ""
+        if self.data.dataset == "synthetic":
+            classes, source = self.data.synth.classes, f"{path}data.synth.classes"
+            if self.model.num_classes is not None and self.model.num_classes != classes:
+                raise ConfigError(
+                    f"{path}model.num_classes: {self.model.num_classes} disagrees with the synthetic "
+                    f"dataset's {source}={classes}; set one to the other (or leave model.num_classes "
+                    f"null to take the dataset's)"
+                )
+        elif self.model.num_classes is not None:
+            classes, source = self.model.num_classes, f"{path}model.num_classes"
+        if classes is None:
+            return
+        check_class_settings(self, classes, source, path)
+
+
+def check_class_settings(cfg: ExperimentConfig, classes: int, source: str, path: str = "") -> None:
+    """``loss.ignore_index`` and ``loss.class_weights`` against the run's number of classes."""
+    if cfg.loss.ignore_index < classes:
+        raise ConfigError(
+            f"{path}loss.ignore_index: {cfg.loss.ignore_index} is a class id ({source}={classes} "
+            f"classes are 0..{classes - 1}); use the dataset's ignore label (255)"
+        )
+    weights = cfg.loss.class_weights
+    if weights is not None and len(weights) != classes:
+        raise ConfigError(
+            f"{path}loss.class_weights: {len(weights)} weights for {classes} classes ({source}); "
+            f"give one weight per class"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +512,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        # NaN passes every range check below (all comparisons are false) and inf overflows later
+        # (``int(inf)``): no setting of this project means "not a number" or "infinitely many".
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -491,9 +553,9 @@ def _validate(obj: Any, path: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate(value, f"{path}{f.name}")
+            _validate(value, f"{path}.{f.name}" if path else f.name)
     if hasattr(obj, "validate"):
-        obj.validate(path.rstrip(".") if path else path)
+        obj.validate(path)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

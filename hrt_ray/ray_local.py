@@ -8,6 +8,7 @@ Local instances stay on loopback: Ray otherwise advertises the machine's externa
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -15,17 +16,42 @@ import socket
 MIN_LOCAL_CPUS = 4
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to Ray once per process (idempotent)."""
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined (the message says which and what to check)."""
+
+
+def ensure_ray(num_cpus: int | None = None, *, verbose: bool = True) -> None:
+    """Connect to Ray once per process (idempotent).
+
+    ``verbose=False`` keeps Ray's own output off the console: workers' stdout/stderr (report
+    dumps, library warnings, raylet notices) stay in the session's log files, and the driver's
+    Ray loggers print warnings and errors only.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    where = os.environ.get("RAY_ADDRESS") or "a new local instance"
+    try:
+        _init(ray, num_cpus, verbose)
+    except Exception as exc:  # ray.init raises bare Exception on a start-up timeout
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise RayStartError(
+            f"could not start or join Ray ({where}): {first}. Check that RAY_ADDRESS names a running "
+            f"cluster (or unset it for a local instance) and that the machine has free memory and disk"
+        ) from exc
+
+
+def _init(ray, num_cpus: int | None, verbose: bool) -> None:
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     # The job's workers call the State API too (Ray Train's placement-group cleaner, which frees
     # the workers of an early-stopped Tune trial). Without an address in their environment Ray
     # guesses one, and fails when several Ray instances run on the node.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}})
+        ray.init(
+            **{"log_to_driver": True, **quiet},
+            runtime_env={"env_vars": {"RAY_ADDRESS": os.environ["RAY_ADDRESS"]}},
+        )
         return
     # Makes Ray's node-IP lookup answer 127.0.0.1 for this single-node instance. Ray reads the
     # variable once, when it is first imported (often before this call), so the constant is set
@@ -38,12 +64,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = _free_port()
     ray.init(
+        # "local": without it ray.init() joins whatever cluster `ray start` last left on this
+        # machine (another user's, or a test's), despite RAY_ADDRESS being unset.
+        address="local",
         num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         include_dashboard=True,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        **quiet,
     )
+
+
+def logs_dir() -> str | None:
+    """This node's Ray session log directory (workers' output, raylet, GCS), if Ray is up."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if ray.is_initialized() and node is not None else None
 
 
 def _free_port() -> int:

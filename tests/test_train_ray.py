@@ -124,7 +124,11 @@ def test_eval_cli_writes_tables_beside_the_checkpoint(trained, capsys: pytest.Ca
     assert 0.0 <= ms["mIoU"] <= 1.0
     rows = Path(summary.checkpoint, "eval-slide-ms0.75_1-flip.csv").read_text().splitlines()
     assert rows[0] == "class,iou,pixels" and rows[-1].startswith("mIoU,") and len(rows) == 7
-    assert main(["eval", "--checkpoint", str(Path(summary.checkpoint) / "missing.pt"), *common]) == 1
+    capsys.readouterr()
+    # A missing checkpoint is the user's to fix: one line naming it, exit code 2.
+    assert main(["eval", "--checkpoint", str(Path(summary.checkpoint) / "missing.pt"), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pt" in err[0] and "Traceback" not in err[0]
 
 
 def test_interrupted_run_resumes_at_the_same_iteration(

@@ -394,12 +394,11 @@ def test_asha_refuses_state_that_does_not_fit_the_sweep(tmp_path: Path, content:
 
 
 def test_reports_without_a_fresh_metric_never_reach_tune():
-    """The loop scores checkpoints without validation with a sentinel; ASHA must not see it."""
-    from hrt_ray.train.loop import UNSCORED
+    """Reports without validation leave the metric out; ASHA must see only measured values."""
     from hrt_ray.tune.trial import fresh
 
     assert fresh(0.0) and fresh(0.41) and fresh(3)
-    assert not any(fresh(v) for v in (-UNSCORED, UNSCORED, float("-inf"), float("nan"), None, True))
+    assert not any(fresh(v) for v in (float("-inf"), float("nan"), None, True))
 
 
 def test_every_search_key_maps_to_a_config_key_of_its_type():

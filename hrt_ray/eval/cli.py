@@ -25,16 +25,12 @@ def run(args: argparse.Namespace) -> int:
 
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.ray_local import ensure_ray
-    from hrt_ray.train.cli import input_errors
-    from hrt_ray.train.trainer import ResourceError, TrainError
+    from hrt_ray.train.trainer import TrainError
 
-    ensure_ray()
+    ensure_ray(verbose=bool(getattr(args, "verbose", False)))
     try:
         result = evaluate_checkpoint(cfg, args.checkpoint)
-    except ResourceError as exc:
-        print(f"resource error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainError, FileNotFoundError, *input_errors()) as exc:
+    except TrainError as exc:  # input errors (checkpoint, data, storage) exit 2 in hrt_ray.cli
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(result.table())

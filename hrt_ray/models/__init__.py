@@ -22,6 +22,7 @@ __all__ = [
     "LoadReport",
     "build_model",
     "checkpoint_filter_fn",
+    "default_window_size",
     "list_models",
     "load_checkpoint",
 ]
@@ -60,6 +61,13 @@ _MODELS: dict[str, Callable[..., HRTOCR]] = {
 def list_models() -> list[str]:
     """The names :func:`build_model` accepts."""
     return list(_MODELS)
+
+
+def default_window_size(name: str) -> int:
+    """The window size ``name`` is built with when ``window_size`` is not overridden."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return int(_MODELS[name].args[1])
 
 
 def build_model(

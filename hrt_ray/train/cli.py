@@ -1,17 +1,29 @@
 """``hrt-ray train [--config CONFIG] [KEY=VALUE ...]``: train (or resume) a run, evaluate, summarise.
 
 With no ``--config`` it runs ``jobs/default.yaml`` from the current directory if present, else
-the built-in defaults (tiny model on generated data, 2 CPU workers). Exit codes: 0 done,
-1 training/evaluation failed, 2 bad config or an unsatisfiable resource request.
+the built-in defaults (tiny model on generated data, 2 CPU workers).
+
+Output: one line per report (a live bar on a terminal), then the evaluation table and the
+summary. Ray's own logs stay off the console unless ``-v`` is given; the summary says where
+they are. Exit codes: 0 done, 1 training/evaluation failed, 2 a mistake in the config, data,
+storage or checkpoint (one line naming it; the config is checked before Ray starts),
+130/143 interrupted by SIGINT/SIGTERM (one line saying how to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
+import signal
 import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TextIO
 
 DEFAULT_JOB = Path("jobs/default.yaml")
 
@@ -36,57 +48,170 @@ def default_config_path(explicit: str | None) -> str | None:
     return str(DEFAULT_JOB) if DEFAULT_JOB.is_file() else None
 
 
-def input_errors() -> tuple[type[Exception], ...]:
-    """Errors about bad input (data, storage, checkpoints): reported in one line, exit code 1."""
-    from hrt_ray.data import DataError, SpecError
-    from hrt_ray.models.checkpoint import CheckpointError
-    from hrt_ray.storage import StorageError
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while the run was going."""
 
-    return (DataError, SpecError, CheckpointError, StorageError)
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Ray Data's progress bars and the driver's library warnings off unless ``verbose``.
+
+    Ray Data copies the driver's ``DataContext`` into the executors of the datasets built
+    afterwards, so this covers the split coordinator that feeds the workers too.
+    """
+    import logging
+    import warnings
+
+    from ray.data import DataContext
+
+    if verbose:
+        return
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run_interruptibly(target: Any) -> Any:
+    """``target()`` in a thread while the main thread turns SIGINT/SIGTERM into :class:`Interrupted`.
+
+    Ray Train installs its own SIGINT handler when ``fit()`` runs on the main thread (and
+    SIGTERM's default ends the process mid-shutdown, with a C++ stack dump); from another
+    thread it installs none, and the driver decides what an interrupt prints.
+    """
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = target()
+        except BaseException as exc:  # handed to the main thread below
+            box["error"] = exc
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread = threading.Thread(target=work, name="hrt-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@contextlib.contextmanager
+def console_to(log_path: Path, enabled: bool) -> Iterator[TextIO]:
+    """While ``enabled``, whatever Python code prints on the driver goes to ``log_path``.
+
+    Yields the real stdout, for the progress lines. Ray's driver prints raylet notices (e.g.
+    worker start-up counts) from a background thread straight to ``sys.stdout``; this keeps
+    them, and any library chatter, in the run's log instead of between the progress lines.
+    """
+    real_out, real_err = sys.stdout, sys.stderr
+    if not enabled:
+        yield real_out
+        return
+    with log_path.open("a") as log:
+        sys.stdout = sys.stderr = log
+        try:
+            yield real_out
+        finally:
+            sys.stdout, sys.stderr = real_out, real_err
+
+
+def _shutdown_ray(timeout_s: float = 30.0) -> None:
+    """Stop this driver's Ray work (a local instance stops; a cluster ends the job's actors)."""
+    import ray
+
+    t = threading.Thread(target=ray.shutdown, daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import ConfigError, load_config
+    from hrt_ray.config import load_config
 
-    try:
-        cfg = load_config(default_config_path(args.config), args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(default_config_path(args.config), args.overrides)  # ConfigError: exit 2
+    from hrt_ray.train.run_checks import check_run
+
+    check_run(cfg)  # still before Ray starts
+    from hrt_ray.train.resume import check_resume
+
+    # A resume with a changed config or another model is refused before Ray even starts.
+    check_resume(cfg, accept_changes=args.accept_config_change)
 
     from hrt_ray import storage
     from hrt_ray.eval.run import evaluate_checkpoint
-    from hrt_ray.ray_local import ensure_ray
-    from hrt_ray.train.resume import check_resume
-    from hrt_ray.train.runlock import RunLockedError
-    from hrt_ray.train.trainer import ResourceError, TrainError, fit
+    from hrt_ray.ray_local import ensure_ray, logs_dir
+    from hrt_ray.train.progress import Progress, ReportRelay
+    from hrt_ray.train.trainer import TrainError, fit, run_uri
 
-    try:  # a resume with a changed config or another model is refused before Ray even starts
-        check_resume(cfg, accept_changes=args.accept_config_change)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except input_errors() as exc:
-        print(f"error: training run {cfg.name!r} cannot resume: {exc}", file=sys.stderr)
-        return 1
-    ensure_ray()
+    verbose = bool(getattr(args, "verbose", False))
+    ensure_ray(verbose=verbose)
+    quiet_libraries(verbose)
+    scratch = Path(tempfile.mkdtemp(prefix="hrt-train-"))
+    relay, driver_log = str(scratch / "reports.jsonl"), scratch / "driver.log"
+    log_uri = f"{run_uri(cfg)}/logs/driver.log"
     try:
-        summary = fit(cfg, accept_config_change=args.accept_config_change)
-    except ResourceError as exc:
-        print(f"resource error: {exc}", file=sys.stderr)
-        return 2
-    except (ConfigError, RunLockedError) as exc:  # a changed config on resume; a run already running
+        with console_to(driver_log, enabled=not verbose) as console:
+            progress = Progress(relay, cfg.optim.max_iters, cfg.checkpoint.metric, stream=console)
+            with progress:
+                summary = run_interruptibly(
+                    lambda: fit(
+                        cfg,
+                        callbacks=[ReportRelay(relay)],
+                        accept_config_change=args.accept_config_change,
+                    )
+                )
+    except Interrupted as exc:
+        where = (
+            f"last checkpoint at iteration {progress.last_checkpoint_iteration}"
+            if progress.last_checkpoint_iteration is not None
+            else "no checkpoint yet"
+        )
+        command = shlex.join(["hrt-ray", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
+        print(
+            f"interrupted ({exc}): run {cfg.name!r} stopped at iteration {progress.iteration or 0} "
+            f"({where}, in {run_uri(cfg)}); resume with: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        _shutdown_ray()
+        _keep_log(driver_log, log_uri, cfg.storage.endpoint)
+        return 128 + exc.signum
+    except TrainError as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        _keep_log(driver_log, log_uri, cfg.storage.endpoint)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainError, *input_errors()) as exc:
-        print(f"error: training run {cfg.name!r} failed: {exc}", file=sys.stderr)
         return 1
+    except Exception:
+        _keep_log(driver_log, log_uri, cfg.storage.endpoint)
+        raise
+    _keep_log(driver_log, log_uri, cfg.storage.endpoint)
     if not args.no_eval and summary.checkpoint:
         try:
-            result = evaluate_checkpoint(cfg, summary.checkpoint)
-        except (TrainError, FileNotFoundError, *input_errors()) as exc:
+            with console_to(driver_log, enabled=not verbose):
+                result = evaluate_checkpoint(cfg, summary.checkpoint)
+        except TrainError as exc:
             print(f"error: evaluation failed: {exc}", file=sys.stderr)
             return 1
+        finally:
+            _keep_log(driver_log, log_uri, cfg.storage.endpoint)
         print(result.table())
         summary.eval = {"mIoU": result.miou, "setting": result.setting, "json": result.json_uri}
     storage.write_bytes(
@@ -95,4 +220,17 @@ def run(args: argparse.Namespace) -> int:
         cfg.storage.endpoint,
     )
     print("\n".join(summary.lines()))
+    if not verbose:
+        print(f"driver log     {log_uri}")
+    if logs := logs_dir():
+        print(f"worker logs    {logs}" + ("" if verbose else " (on the console with -v)"))
     return 0
+
+
+def _keep_log(local: Path, uri: str, endpoint: str | None) -> None:
+    """Copy the captured driver output into the run directory (best effort: never masks an error)."""
+    from hrt_ray import storage
+
+    if local.is_file() and local.stat().st_size:
+        with contextlib.suppress(Exception):
+            storage.write_bytes(uri, local.read_bytes(), endpoint)

@@ -35,9 +35,6 @@ from hrt_ray.train.optim import build_optimizer, build_scheduler
 from hrt_ray.train.state import rng_state, save_state, seed_everything, set_rng_state, unwrap
 from hrt_ray.train.watchdog import iter_with_timeout
 
-#: The score of a checkpoint reported without a fresh value of ``checkpoint.metric``.
-UNSCORED = 1e30
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stops before any checkpoint of the broken state."""
@@ -560,8 +557,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else None
     )
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
-    # Finite: Ray's checkpoint-manager snapshot goes through JSON, where +-inf come back as None.
-    worst = -UNSCORED if mode == "max" else UNSCORED
 
     def run_validation() -> dict[str, float]:
         broadcast_buffers(model)
@@ -599,8 +594,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             metrics["best"] = best
         if tb is not None:
             tb.log({k: v for k, v in metrics.items() if "/" in k}, iteration)
-        # Ray ranks checkpoints by ``metric``; one without a fresh value must never rank first.
-        metrics.setdefault(metric, worst)
+        # A metric not measured in this report is absent from it (no sentinel score): Ray ranks a
+        # checkpoint without ``checkpoint.metric`` as -inf, below every measured one, for
+        # mode=max; run_checks refuses mode=min for validation metrics, which can be absent.
         rngs = _gather_objects(rng_state()) if with_checkpoint else None
         if rank == 0 and with_checkpoint:
             pending_dir = report_checkpoint(

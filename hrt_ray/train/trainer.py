@@ -108,11 +108,14 @@ def build_trainer(
 ) -> Any:
     """The ``TorchTrainer`` for ``cfg`` (``loop`` defaults to the training loop).
 
-    ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``).
+    ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``),
+    after :class:`~hrt_ray.train.failures.FailFast`, which ends the run on a deterministic
+    worker failure instead of spending ``failure.max_failures`` retries on it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from hrt_ray.train.failures import FailFast
     from hrt_ray.train.loop import train_loop_per_worker
 
     bundle = worker_bundle(cfg)
@@ -130,7 +133,7 @@ def build_trainer(
         name=name or cfg.name,
         storage_path=storage_path,
         storage_filesystem=storage_filesystem,
-        callbacks=callbacks,
+        callbacks=[FailFast(), *(callbacks or [])],
         failure_config=FailureConfig(
             max_failures=cfg.failure.max_failures,
             max_preemption_failures=cfg.failure.max_preemption_failures,
@@ -209,13 +212,20 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def fit(
-    cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None, accept_config_change: bool = False
+    cfg: ExperimentConfig,
+    *,
+    fault: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    accept_config_change: bool = False,
 ) -> TrainSummary:
     """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`.
 
     Holds the run lock for the whole run (a second run of the same name refuses, naming the
     holder) and, on a resume, refuses a changed config before anything is scheduled unless
     ``accept_config_change`` (see :mod:`hrt_ray.train.resume`).
+
+    A deterministic worker failure (see :mod:`hrt_ray.train.failures`) is not retried: an input
+    error (config, data, spec, checkpoint) is raised as itself, others as :class:`TrainError`.
     """
     from hrt_ray import storage
     from hrt_ray.train.resume import check_resume
@@ -229,22 +239,30 @@ def fit(
     ).acquire()
     try:
         check_resume(cfg, accept_changes=accept_config_change)
-        return _fit(cfg, fault=fault)
+        return _fit(cfg, fault=fault, callbacks=callbacks)
     finally:
         lock.release()
 
 
-def _fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
+def _fit(
+    cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None
+) -> TrainSummary:
+    from hrt_ray.train.failures import describe, deterministic_cause
+
     with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
         datasets = prepare_data(cfg)
-        trainer = build_trainer(cfg, datasets, fault=fault)
+        trainer = build_trainer(cfg, datasets, fault=fault, callbacks=callbacks)
         hold.release()  # Train's own placement group takes the nodes over
         try:
             result = trainer.fit()
+            if result.error is not None:
+                raise result.error
         except Exception as exc:
-            raise TrainError(f"training run {cfg.name!r} failed: {exc}") from exc
-    if result.error is not None:
-        raise TrainError(f"training run {cfg.name!r} failed: {result.error}")
+            cause = deterministic_cause(exc)
+            if cause is not None and not isinstance(cause, RuntimeError):
+                raise cause from None  # ConfigError, DataError, SpecError, CheckpointError: the user's input
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else describe(exc)
+            raise TrainError(f"training run {cfg.name!r} failed: {detail}") from exc
     value = result.return_value or {}
     history = value.get("history") or []
     best_ckpt = None

@@ -41,15 +41,8 @@ class ValidationReportCallback(TuneReportCallback):
 
 
 def fresh(value: Any) -> bool:
-    """A real value of a metric: not the loop's ``UNSCORED`` sentinel (nor an infinity/NaN)."""
-    from hrt_ray.train.loop import UNSCORED
-
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and abs(value) < UNSCORED
-    )
+    """A real value of a metric (reports leave unmeasured metrics out; no infinity/NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:

@@ -1,0 +1,162 @@
+"""Training progress on the driver: one line per report, or a live bar on a terminal.
+
+Ray Train calls a ``UserCallback`` on its controller actor, which Ray places on the driver's
+node (``label_selector`` on the driver's node id in Ray 2.60). :class:`ReportRelay` appends
+rank 0's metrics of each report to a JSON-lines file there; :class:`Progress`, a thread in the
+driver, tails that file and prints. The driver's console thus shows our lines, not Ray's
+``TrainingReport(...)`` dumps (those stay in the run's logs), and works the same under
+``ray job submit``, where the controller's stdout would only reach the job log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.train import UserCallback
+
+#: Seconds between looks at the relay file.
+POLL_S = 0.5
+
+
+class ReportRelay(UserCallback):
+    """Controller side: one JSON line per report (rank 0's finite numeric metrics)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        row = {
+            k: v
+            for k, v in (metrics[0] if metrics else {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        row["checkpoint"] = checkpoint is not None
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Driver side: prints each relayed report; a tqdm bar instead when ``stream`` is a terminal."""
+
+    def __init__(
+        self, relay_path: str, max_iters: int, metric: str = "val/mIoU", stream: TextIO | None = None
+    ) -> None:
+        self.path = Path(relay_path)
+        self.max_iters = max_iters
+        self.metric = metric
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self.last_checkpoint_iteration: int | None = None
+        self.iteration: int | None = None
+        self._first: tuple[int, float] | None = None  # (iteration, time) of the first training report
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hrt-progress", daemon=True)
+        self._bar: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Progress:
+        self.path.touch()
+        self.started = time.monotonic()
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.max_iters, file=self.stream, unit="it", dynamic_ncols=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()  # the reports written while the thread stopped
+        if self._bar is not None:
+            self._bar.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self.poll()
+
+    # -- reading and printing ----------------------------------------------------------------
+
+    def poll(self) -> None:
+        try:
+            with self.path.open() as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        end = chunk.rfind("\n")
+        if end < 0:
+            return
+        self._offset += len(chunk[: end + 1].encode())
+        for line in chunk[: end + 1].splitlines():
+            if line.strip():
+                self.show(json.loads(line))
+
+    def show(self, row: dict[str, Any]) -> None:
+        iteration = int(row.get("iteration", 0))
+        self.iteration = iteration
+        if row.get("checkpoint"):
+            self.last_checkpoint_iteration = iteration
+        now = time.monotonic()
+        line = self.format(row, now)
+        if "train/loss" in row and self._first is None:
+            self._first = (iteration, now)  # the wall-clock rate is measured from here on
+        if self._bar is not None:
+            self._bar.n = iteration
+            self._bar.set_postfix_str(line.split("  ", 1)[1] if "  " in line else "", refresh=False)
+            self._bar.refresh()
+            if "val/mIoU" in row:
+                self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def eta(self, row: dict[str, Any], now: float) -> float | None:
+        """Remaining time at the wall-clock rate since the first training report (validation and
+        checkpoints included); before a second one, at the report's own step time."""
+        iteration = int(row.get("iteration", 0))
+        if self._first is not None and iteration > self._first[0]:
+            rate = (now - self._first[1]) / (iteration - self._first[0])
+        elif "perf/step_time_s" in row:
+            rate = float(row["perf/step_time_s"])
+        else:
+            return None
+        return rate * max(self.max_iters - iteration, 0)
+
+    def format(self, row: dict[str, Any], now: float | None = None) -> str:
+        """``iter 25/150  loss 1.234  lr 9.8e-04  41.2 img/s  data-wait 3%  val mIoU 23.45 (best ..)``."""
+        now = time.monotonic() if now is None else now
+        iteration = int(row.get("iteration", 0))
+        width = len(str(self.max_iters))
+        parts = [f"iter {iteration:>{width}}/{self.max_iters}"]
+        if "train/loss" in row:
+            parts.append(f"loss {row['train/loss']:.4f}")
+        if "train/lr" in row:
+            parts.append(f"lr {row['train/lr']:.2e}")
+        if "perf/images_per_s" in row:
+            parts.append(f"{row['perf/images_per_s']:.1f} img/s")
+        if "perf/data_wait_frac" in row:
+            parts.append(f"data-wait {100 * row['perf/data_wait_frac']:.0f}%")
+        if "val/mIoU" in row:
+            best = f" (best {100 * row['best']:.2f})" if "best" in row and self.metric == "val/mIoU" else ""
+            parts.append(f"val mIoU {100 * row['val/mIoU']:.2f}{best}")
+        if self.metric != "val/mIoU" and self.metric in row:
+            best = f" (best {row['best']:.4g})" if "best" in row else ""
+            parts.append(f"{self.metric} {row[self.metric]:.4g}{best}")
+        parts.append(f"elapsed {_clock(now - self.started)}")
+        eta = self.eta(row, now)
+        parts.append(f"ETA {_clock(eta)}" if eta is not None else "ETA -")
+        return "  ".join(parts)

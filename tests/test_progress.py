@@ -1,0 +1,72 @@
+"""The driver's progress display, fed through its relay file the way the Ray callback feeds it."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+import struct
+import termios
+from pathlib import Path
+
+import pytest
+
+from hrt_ray.train.progress import Progress, ReportRelay
+
+
+def relay(path: Path, *rows: dict, checkpoint: bool = True) -> None:
+    cb = ReportRelay(str(path))
+    for row in rows:
+        cb.after_report(None, [row, row], object() if checkpoint else None)
+
+
+TRAIN = {
+    "iteration": 50,
+    "perf/step_time_s": 0.5,
+    "train/loss": 0.5,
+    "train/lr": 1e-4,
+    "perf/images_per_s": 12.5,
+    "perf/data_wait_frac": 0.031,
+}
+
+
+def test_plain_lines_one_per_report_without_escape_codes(tmp_path: Path) -> None:
+    path = tmp_path / "reports.jsonl"
+    out = io.StringIO()
+    with Progress(str(path), 100, stream=out) as progress:
+        relay(path, {"iteration": 0, "val/mIoU": 0.1, "best": 0.1}, checkpoint=False)
+        relay(path, TRAIN)
+        relay(path, {**TRAIN, "iteration": 100, "val/mIoU": 0.4321, "best": 0.4321, "x": float("nan")})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and not re.search(r"\x1b|\r", out.getvalue())
+    assert lines[0].startswith("iter   0/100  val mIoU 10.00 (best 10.00)  elapsed 0:00:00  ETA -")
+    assert lines[1].startswith("iter  50/100  loss 0.5000  lr 1.00e-04  12.5 img/s  data-wait 3%  elapsed")
+    assert "val mIoU" not in lines[1] and lines[1].endswith("ETA 0:00:25")  # 50 steps x 0.5 s
+    assert "val mIoU 43.21 (best 43.21)" in lines[2] and lines[2].endswith("ETA 0:00:00")
+    assert progress.last_checkpoint_iteration == 100 and progress.iteration == 100
+    # Non-finite values never reach the relay (nor, so, a printed line).
+    assert all("x" not in json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_a_terminal_gets_a_live_bar(tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")  # a declared dependency (requirements.txt)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a 160-column terminal
+    path = tmp_path / "reports.jsonl"
+    with open(slave, "w") as tty, Progress(str(path), 100, stream=tty):
+        relay(path, TRAIN)
+    os.set_blocking(master, False)
+    chunks = []
+    while True:  # everything is written (the slave side is closed): read until it runs dry
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO / EAGAIN: no more
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    shown = b"".join(chunks).decode()
+    assert "\r" in shown and "50/100" in shown and "loss 0.5000" in shown

@@ -1,0 +1,177 @@
+"""What a person sees: `hrt-ray train` output captured as under CI or `ray job logs` (no TTY).
+
+Runs the real console entry point in a subprocess against a fresh local Ray (the command starts
+its own), on a tiny run: the output must be our lines (one per report), no escape codes, no raw
+Ray report dicts, no sentinel values; the run's Ray result table must not hold sentinels either.
+Mistakes in the config are named before Ray starts, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ESCAPE = re.compile(r"\x1b\[|\r")
+
+
+def hrt_ray(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the console entry point; on a timeout stop it with SIGTERM so it stops its own Ray."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "hrt_ray", *args]
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=120)
+            pytest.fail(f"hrt-ray {args[0]} took over {timeout}s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def tiny(tmp: Path, name: str) -> list[str]:
+    return [
+        f"name={name}",
+        f"storage.path={tmp}/runs",
+        f"data.train_uri={tmp}/data/train",
+        f"data.val_uri={tmp}/data/val",
+        "data.synth.num_train=16",
+        "data.synth.num_val=2",
+        "data.synth.size=[64,64]",
+        "data.batch_size=4",
+        "optim.max_iters=4",
+        "optim.warmup_iters=1",
+        "loss.ohem_min_kept=2000",
+        "eval.interval=4",
+        "checkpoint.every=2",
+        "failure.max_failures=0",
+        "failure.stall_timeout_s=300",
+    ]
+
+
+@pytest.mark.slow
+def test_train_output_is_one_clean_line_per_report(tmp_path: Path) -> None:
+    proc = hrt_ray(["train", "--no-eval", *tiny(tmp_path, "out"), "eval.at_start=false"], cwd=tmp_path)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, out + err
+    assert not ESCAPE.search(out + err), "escape codes / carriage returns in non-TTY output"
+    assert "TrainingReport" not in out + err and "1e+30" not in out + err and "1e30" not in out + err
+    assert "raylet" not in out + err and "Execution plan" not in out + err
+    lines = [line for line in out.splitlines() if line.startswith("iter ")]
+    # Reports: a checkpoint at 2, validation + checkpoint at 4.
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], out
+    assert re.search(r"loss \d+\.\d{4}  lr \S+  \d+\.\d img/s  data-wait \d+%", lines[0]), lines[0]
+    assert "val mIoU" not in lines[0], "no validation at iteration 2: no mIoU shown"
+    assert re.search(r"val mIoU \d+\.\d\d \(best \d+\.\d\d\)  elapsed \d:\d\d:\d\d  ETA 0:00:00", lines[1])
+    assert "run directory" in out and "driver log" in out and "worker logs" in out
+    run_dir = tmp_path / "runs" / "out"
+    assert (run_dir / "logs" / "driver.log").is_file()
+    # Ray's own result table (the checkpoint manager's snapshot) holds no sentinel score either.
+    snapshot = next(run_dir.glob("checkpoint_manager_snapshot*.json"))
+    text = snapshot.read_text()
+    assert "1e+30" not in text and "1e30" not in text and "Infinity" not in text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iteration"] == 4 and [h[0] for h in summary["history"]] == [4.0]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.arch=hrt_nonexistent", "model.arch: unknown model 'hrt_nonexistent'"),
+        ("model.window_size=200", "model.window_size: 200 does not fit the 64x64 crop"),
+        ("optim.lr=.nan", "optim.lr: must be a finite number"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number"),
+        ("failure.stall_timeout_s=.nan", "failure.stall_timeout_s: must be a finite number"),
+        ("loss.ignore_index=-5", "loss.ignore_index"),
+        ("loss.ignore_index=3", "loss.ignore_index: 3 is a class id"),
+        ("model.num_classes=3", "data.synth.classes"),
+        ("checkpoint.metric=val/miou", "did you mean 'val/mIoU'"),
+        ("loss.class_weights=[1,2]", "loss.class_weights: 2 weights for 5 classes"),
+        ("optim.poly_power=-1", "optim.poly_power"),
+        ("optim.warmup_ratio=2", "optim.warmup_ratio"),
+        ("optim.grad_clip=0", "optim.grad_clip"),
+        ("data.synth.classes=1", "data.synth.classes: must be >= 2"),
+    ],
+)
+def test_config_mistakes_are_named_on_the_driver(tmp_path: Path, override: str, named: str) -> None:
+    from hrt_ray.config import ConfigError, load_config
+    from hrt_ray.train.run_checks import check_run
+
+    with pytest.raises(ConfigError) as info:
+        check_run(load_config(None, [*tiny(tmp_path, "bad"), override]))
+    assert named in str(info.value) and "datasynth" not in str(info.value)
+
+
+def test_a_per_class_iou_is_a_valid_checkpoint_metric(tmp_path: Path) -> None:
+    from hrt_ray.config import ConfigError, load_config
+    from hrt_ray.train.run_checks import check_run
+
+    check_run(load_config(None, [*tiny(tmp_path, "ok"), "checkpoint.metric=val/IoU/4"]))
+    with pytest.raises(ConfigError, match="checkpoint.metric"):
+        check_run(load_config(None, [*tiny(tmp_path, "bad"), "checkpoint.metric=val/IoU/5"]))
+    with pytest.raises(ConfigError, match="checkpoint.mode"):
+        check_run(load_config(None, [*tiny(tmp_path, "bad"), "checkpoint.mode=min"]))
+
+
+def test_a_config_mistake_is_one_line_and_exit_2_before_ray_starts(tmp_path: Path) -> None:
+    proc = hrt_ray(["train", *tiny(tmp_path, "bad"), "model.window_size=200"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model.window_size: 200"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists(), "Ray never started"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    args = [*tiny(tmp_path, "sig"), "optim.max_iters=500", "checkpoint.every=1", "eval.at_start=false"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "hrt_ray", "train", "--no-eval", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the first report (with a checkpoint) is on screen
+        assert first.startswith("iter "), first + proc.stderr.read() if proc.stderr else first
+        proc.send_signal(signum)
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"no exit within 180 s of {signum.name}:\n{out}\n{err}")
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"interrupted \({signum.name}\): run 'sig' stopped at iteration \d+ \(last checkpoint at "
+        rf"iteration \d+, in .*/runs/sig\); resume with: hrt-ray train --no-eval .*name=sig.*",
+        last,
+    ), err
+    assert "Traceback" not in err and "SIGABRT" not in err and "*** " not in err, err
