@@ -123,6 +123,7 @@ def test_ray_job_submit_trains_and_fails_loudly(
         f"storage.path={runs}",
         f"data.train_uri={data}/train",
         f"data.val_uri={data}/val",
+        "data.synth.generate=true",
         "data.synth.num_train=16",
         "data.synth.num_val=2",
         "data.synth.size=[64,64]",

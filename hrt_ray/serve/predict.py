@@ -162,7 +162,7 @@ class PredictActor:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.cfg = from_dict(cfg, source="predict config")
+        self.cfg = from_dict(cfg, source="predict config", training=False)
         self.segmenter = Segmenter.load(
             self.cfg,
             checkpoint,
@@ -405,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hrt_ray.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, training=False)
     if args.workers is not None and args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hrt_ray.config import ExperimentConfig, to_dict
+from hrt_ray.config import ExperimentConfig, check_batch_split, to_dict
 
 
 class ResourceError(RuntimeError):
@@ -215,6 +215,8 @@ class TrainSummary:
     resumed_from: int | None = None
     history: list[list[float]] = field(default_factory=list)
     eval: dict[str, Any] | None = None
+    #: Records skipped under ``data.max_bad_records`` (bad records, records of unreadable shards).
+    skipped_records: int = 0
 
     def lines(self) -> list[str]:
         def pct(v: float | None) -> str:
@@ -234,6 +236,7 @@ class TrainSummary:
             f"checkpoint     {self.checkpoint}",
             f"best           {self.best_checkpoint}",
             f"tensorboard    {self.tensorboard}",
+            f"skipped        {self.skipped_records} record(s) under data.max_bad_records",
             f"run directory  {self.run_dir}",
         ]
         return out
@@ -250,6 +253,7 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainSummary:
     """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`."""
+    check_batch_split(cfg)
     if cfg.scaling.check_resources:
         check_resources(cfg)
     datasets = prepare_data(cfg)
@@ -271,6 +275,8 @@ def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainS
             reverse=True,
         )
         best_ckpt = checkpoint_uri(cfg, ranked[0][0])
+    from hrt_ray.data import skipped_records
+
     final_val = [h for h in history if h[0] == value.get("iteration")]
     return TrainSummary(
         name=cfg.name,
@@ -284,4 +290,5 @@ def fit(cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None) -> TrainS
         tensorboard=f"{run_uri(cfg)}/tensorboard",
         resumed_from=value.get("resumed_from"),
         history=history,
+        skipped_records=skipped_records(datasets),
     )
