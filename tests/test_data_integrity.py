@@ -96,7 +96,9 @@ def test_guard_stops_on_an_all_ignore_window_or_epoch_and_passes_real_labels() -
     guard = LabelledPixelGuard(255, window=3, where="rank 0: ")
     guard.update(ignored)
     guard.update(ignored)
-    with pytest.raises(DataError, match=r"rank 0: 100\.000% of the 384 pixels in the last 3 training batches"):
+    with pytest.raises(
+        DataError, match=r"rank 0: 100\.000% of the 384 pixels in the last 3 training batches"
+    ):
         guard.update(ignored)
     guard = LabelledPixelGuard(255, window=50)
     guard.update(ignored)
@@ -142,10 +144,18 @@ def test_zero_byte_shard_within_max_bad_records_is_counted(ray_session, tmp_path
     train, val = _synth_set(tmp_path)
     (Path(train) / "part-00001.parquet").write_bytes(b"")
     cfg = load_config(
-        None, [f"data.train_uri={train}", f"data.val_uri={val}", "data.max_bad_records=2", "data.crop_size=[32,32]"]
+        None,
+        [
+            f"data.train_uri={train}",
+            f"data.val_uri={val}",
+            "data.max_bad_records=2",
+            "data.crop_size=[32,32]",
+        ],
     )
     datasets = build_datasets(cfg)
-    keys = [k for b in iter_batches(datasets["train"], 1, epoch=0, train=True, with_keys=True) for k in b["key"]]
+    keys = [
+        k for b in iter_batches(datasets["train"], 1, epoch=0, train=True, with_keys=True) for k in b["key"]
+    ]
     assert sorted(keys) == ["train/000000", "train/000001"]  # what survived: shard 0, all of it
     assert skipped_records(datasets) == 2  # what was lost: counted, not silent
     assert list(bad_records(datasets)) == [f"shard {train}/part-00001.parquet"]
@@ -218,7 +228,12 @@ def test_eval_runs_on_three_workers_that_training_could_not_use(ray_session, tmp
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": build_model("hrt_tiny_ocr", 3).state_dict()}, ckpt)
-    args = [f"data.train_uri={val}", f"data.val_uri={val}", "scaling.num_workers=3", "failure.stall_timeout_s=240"]
+    args = [
+        f"data.train_uri={val}",
+        f"data.val_uri={val}",
+        "scaling.num_workers=3",
+        "failure.stall_timeout_s=240",
+    ]
     with pytest.raises(ConfigError, match="does not split evenly"):
         load_config(None, args)  # still refused for training
     assert main(["eval", "--checkpoint", str(ckpt), *args]) == 0, capsys.readouterr().err
