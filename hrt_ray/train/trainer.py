@@ -153,8 +153,9 @@ def build_trainer(
     ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from hrt_ray.train.distributed import BoundStoreTorchConfig
     from hrt_ray.train.loop import train_loop_per_worker
 
     bundle = worker_bundle(cfg)
@@ -182,7 +183,8 @@ def build_trainer(
         ),
     )
     # The process-group timeout bounds every collective: a stalled all-reduce fails the run.
-    torch_config = TorchConfig(
+    # Rank 0's store listens on the advertised address only, not on every interface.
+    torch_config = BoundStoreTorchConfig(
         backend="nccl" if cfg.scaling.use_gpu else "gloo",
         timeout_s=max(1, int(cfg.failure.stall_timeout_s)),
     )
