@@ -161,6 +161,20 @@ def test_zero_byte_shard_within_max_bad_records_is_counted(ray_session, tmp_path
     assert list(bad_records(datasets)) == [f"shard {train}/part-00001.parquet"]
 
 
+def test_shard_emptied_after_the_run_started_fails_its_epoch_naming_it(ray_session, tmp_path: Path) -> None:
+    """The per-epoch count: what the run reads is checked against the manifest every epoch."""
+    train, val = _synth_set(tmp_path)
+    datasets = build_datasets(load_config(None, [f"data.train_uri={train}", f"data.val_uri={val}"]))
+    first = [
+        k for b in iter_batches(datasets["train"], 1, epoch=0, train=True, with_keys=True) for k in b["key"]
+    ]
+    assert len(first) == 4  # epoch 0: all four records, and no complaint
+    (Path(train) / "part-00001.parquet").write_bytes(b"")
+    with pytest.raises(Exception, match=rf"{train}/part-00001.parquet"):
+        for _ in iter_batches(datasets["train"], 1, epoch=1, train=True):
+            pass
+
+
 def test_truncated_shard_is_named(ray_session, tmp_path: Path) -> None:
     train, val = _synth_set(tmp_path)
     shard = Path(train) / "part-00000.parquet"

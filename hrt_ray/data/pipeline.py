@@ -71,6 +71,9 @@ class PipelineState:
         self.bad: dict[str, str] = {}
         #: Records skipped so far: one per bad record, a shard's manifest count per lost shard.
         self.skipped = 0
+        #: Training shard path -> records its manifest lists; epoch -> shard path -> records read.
+        self.expected: dict[str, int] = {}
+        self.read: dict[int, dict[str, int]] = {}
 
     def announce(self, split: int, world_size: int, epoch: int) -> None:
         if world_size != self.world_size:  # a new worker group (elastic resize, restart)
@@ -84,6 +87,37 @@ class PipelineState:
         if len(self.epochs) < self.world_size:
             return self.seed, max(self.epochs.values())
         return self.seed, min(self.epochs.values())
+
+    def expect(self, records_per_shard: dict[str, int]) -> None:
+        """The training shards and their manifest counts, which every epoch must read in full."""
+        self.expected = dict(records_per_shard)
+
+    def begin(self, read: dict[str, int]) -> tuple[int, int]:
+        """A train map task starts: count the records it read per shard; return (seed, epoch)."""
+        seed, epoch = self.current()
+        counts = self.read.setdefault(epoch, {})
+        for path, n in read.items():
+            counts[path] = counts.get(path, 0) + int(n)
+        return seed, epoch
+
+    def shortfall(self, epoch: int) -> str:
+        """Why epoch ``epoch`` read fewer records than the manifest lists ('' if it did not).
+
+        Called once a consumer has drained its split, i.e. once the epoch's execution is done.
+        Shards already skipped under ``max_bad_records`` are not expected.
+        """
+        got = self.read.get(epoch, {})
+        short = {p: (got.get(p, 0), n) for p, n in self.expected.items() if got.get(p, 0) < n}
+        if not short:
+            return ""
+        missing = sum(n - g for g, n in short.values())
+        total = sum(self.expected.values())
+        listing = "; ".join(f"{p}: read {g} of {n}" for p, (g, n) in sorted(short.items()))
+        return (
+            f"data epoch {epoch} read {total - missing} of the {total} training records the manifest "
+            f"lists: {listing}. Ray Data skips files it cannot read as records (e.g. zero-size "
+            "files); re-write these shards"
+        )
 
     def report_bad(self, where: str, reason: str, records: int = 1) -> int:
         """Count ``records`` skipped at ``where`` (once per place); returns the running total."""
@@ -160,7 +194,10 @@ def _train_udf(
 ) -> pa.Table:
     import ray
 
-    seed, epoch = ray.get(state.current.remote())
+    read: dict[str, int] = {}
+    for path in batch["path"]:
+        read[str(path)] = read.get(str(path), 0) + 1
+    seed, epoch = ray.get(state.begin.remote(read))
     augment = TrainAugment(params)
     keys, images, masks = [], [], []
     for key, img_bytes, mask_bytes, path in zip(
@@ -384,6 +421,10 @@ def build_datasets(cfg) -> dict:
         check_spec_matches(spec, manifest, uri, d.dataset)
     state = _state_actor(int(cfg.seed), int(d.max_bad_records))
     train_manifest = readable_manifest(d.train_uri, train_manifest, endpoint, state, int(d.max_bad_records))
+    train_paths = _paths(d.train_uri, train_manifest, endpoint)
+    state.expect.remote(
+        {p: int(s["num_records"]) for p, s in zip(train_paths, train_manifest["shards"], strict=True)}
+    )
     val_manifest = readable_manifest(d.val_uri, val_manifest, endpoint, state, int(d.max_bad_records))
     for uri, manifest in ((d.train_uri, train_manifest), (d.val_uri, val_manifest)):
         if manifest["num_records"] < 1:
@@ -399,7 +440,7 @@ def build_datasets(cfg) -> dict:
         ignore_index=spec.ignore_index,
     )
     train = ray.data.read_parquet(
-        _paths(d.train_uri, train_manifest, endpoint),
+        train_paths,
         filesystem=_filesystem(d.train_uri, endpoint),
         include_paths=True,
         shuffle=FileShuffleConfig(seed=int(cfg.seed), reseed_after_execution=True),
@@ -520,6 +561,10 @@ def iter_batches(
         local_shuffle_buffer_size=buffer or None,
         local_shuffle_seed=shuffle_seed if buffer else None,
     )
+    if train and state is not None:  # the split is drained: the epoch's execution has finished
+        problem = ray.get(state.shortfall.remote(int(epoch)))
+        if problem:
+            raise DataError(problem)
 
 
 def skipped_records(datasets: dict) -> int:
