@@ -232,7 +232,6 @@ def tiny_job(name: str, runs: Path, data: Path, max_iters: int, *extra: str) -> 
         f"storage.path={runs}",
         f"data.train_uri={data}/train",
         f"data.val_uri={data}/val",
-        "data.synth.generate=true",
         "data.synth.num_train=48",
         "data.synth.num_val=2",
         "data.synth.size=[64,64]",

@@ -422,8 +422,10 @@ def build_datasets(cfg) -> dict:
     state = _state_actor(int(cfg.seed), int(d.max_bad_records))
     train_manifest = readable_manifest(d.train_uri, train_manifest, endpoint, state, int(d.max_bad_records))
     train_paths = _paths(d.train_uri, train_manifest, endpoint)
-    state.expect.remote(
-        {p: int(s["num_records"]) for p, s in zip(train_paths, train_manifest["shards"], strict=True)}
+    ray.get(
+        state.expect.remote(
+            {p: int(s["num_records"]) for p, s in zip(train_paths, train_manifest["shards"], strict=True)}
+        )
     )
     val_manifest = readable_manifest(d.val_uri, val_manifest, endpoint, state, int(d.max_bad_records))
     for uri, manifest in ((d.train_uri, train_manifest), (d.val_uri, val_manifest)):
