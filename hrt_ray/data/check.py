@@ -129,7 +129,9 @@ def _mapping_problems(spec: DatasetSpec, raw_hist: np.ndarray) -> list[str]:
     )
 
     def better(frac: float) -> bool:
-        return frac >= own + 0.2 and frac >= 1.5 * own
+        # Only when most pixels are lost as written: small masks with much void (0 = unlabelled)
+        # read "better" shifted, since the shift turns void into a class.
+        return own < 0.5 and frac >= own + 0.2 and frac >= 1.5 * own
 
     if not any(raw != train_id for raw, train_id in spec.label_mapping.items() if train_id < k):
         return []  # the mapping keeps train ids as they are: no other id space to confuse
