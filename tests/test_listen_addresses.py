@@ -17,32 +17,31 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _listening() -> list[tuple[str, int]]:
-    import psutil
-    import ray._private.utils  # noqa: F401  (puts Ray's vendored psutil on sys.path)
-
-    conns = psutil.Process().net_connections(kind="inet")
-    return sorted({(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN})
-
-
-def probe_loop(config: dict[str, Any]) -> list[dict[str, Any]]:
-    import ray.train
-    import torch.distributed as dist
-
-    mine = {
-        "rank": ray.train.get_context().get_world_rank(),
-        "pid": os.getpid(),
-        "store": (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])),
-        "listening": _listening(),
-    }
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
 def test_every_training_process_listens_on_loopback_only(ray_session, tmp_path: Path) -> None:
     from hrt_ray.config import load_config
     from hrt_ray.train.trainer import build_trainer
+
+    def probe_loop(config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each worker's listening sockets once the process group is up (nested: pickled by value)."""
+        import importlib
+
+        import ray.train
+        import torch.distributed as dist
+
+        psutil = importlib.import_module("psutil")  # Ray's vendored copy, on sys.path once ray is imported
+
+        conns = psutil.Process().net_connections(kind="inet")
+        mine = {
+            "rank": ray.train.get_context().get_world_rank(),
+            "pid": os.getpid(),
+            "store": (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])),
+            "listening": sorted(
+                {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+            ),
+        }
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
 
     cfg = load_config(None, [f"storage.path={tmp_path}", "scaling.num_workers=2", "failure.max_failures=0"])
     result = build_trainer(cfg, {}, loop=probe_loop, name="listen-probe").fit()
