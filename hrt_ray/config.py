@@ -72,6 +72,10 @@ class SynthConfig:
     size: list[int] = field(default_factory=lambda: [128, 128])
     classes: int = 5
     seed: int = 0
+    #: Generate missing shards at ``data.train_uri``/``val_uri`` even though they are not the
+    #: embedded default's own paths (there a missing set is always generated). Off by default:
+    #: a mistyped URI must be an error, not a freshly generated dataset.
+    generate: bool = False
 
     def validate(self, path: str) -> None:
         _check_hw(self.size, f"{path}.size")
@@ -393,11 +397,6 @@ class ExperimentConfig:
     def validate(self, path: str) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(f"{path}name: must be a non-empty name without '/', '\\' or spaces")
-        if self.scaling.num_workers and self.data.batch_size % self.scaling.num_workers:
-            raise ConfigError(
-                f"{path}data.batch_size: {self.data.batch_size} does not split evenly over "
-                f"scaling.num_workers={self.scaling.num_workers}"
-            )
         self._check_classes(path)
 
     def _check_classes(self, path: str) -> None:
@@ -431,6 +430,19 @@ def check_class_settings(cfg: ExperimentConfig, classes: int, source: str, path:
         raise ConfigError(
             f"{path}loss.class_weights: {len(weights)} weights for {classes} classes ({source}); "
             f"give one weight per class"
+        )
+
+
+def check_batch_split(cfg: ExperimentConfig) -> None:
+    """Training only: the global ``data.batch_size`` must split evenly over the workers.
+
+    Kept out of :meth:`ExperimentConfig.validate` because evaluation and prediction batch by
+    ``eval.batch_size`` per worker and must not refuse a worker count training could not use.
+    """
+    if cfg.scaling.num_workers and cfg.data.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} does not split evenly over "
+            f"scaling.num_workers={cfg.scaling.num_workers}"
         )
 
 
@@ -631,8 +643,14 @@ def deep_merge(into: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
     return into
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load ``path`` (YAML; ``None`` = the embedded default), apply overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, training: bool = True
+) -> ExperimentConfig:
+    """Load ``path`` (YAML; ``None`` = the embedded default), apply overrides, validate.
+
+    ``training=False`` (eval, predict) skips the checks only training needs
+    (:func:`check_batch_split`).
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -642,6 +660,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         data = apply_overrides(data, overrides)
         cfg = _build(ExperimentConfig, data, "")
         _validate(cfg, "")
+        if training:
+            check_batch_split(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
@@ -651,11 +671,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
+def from_dict(data: Mapping[str, Any], source: str = "<dict>", *, training: bool = True) -> ExperimentConfig:
     """Rebuild (and re-validate) a config from :func:`to_dict` output, e.g. inside a Ray worker."""
     try:
         cfg = _build(ExperimentConfig, data, "")
         _validate(cfg, "")
+        if training:
+            check_batch_split(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg

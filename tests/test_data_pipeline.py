@@ -117,7 +117,8 @@ def test_s3_prepare_then_two_workers_get_disjoint_equal_batches_and_each_val_ima
 def test_crops_change_every_epoch_and_repeat_for_the_same_seed(ray_session, s3_bucket: str) -> None:
     cfg = load_config(None, [
         f"data.train_uri={s3_bucket}/syn/train", f"data.val_uri={s3_bucket}/syn/val",
-        "data.synth.num_train=10", "data.synth.num_val=2", "data.synth.size=[40,48]",
+        "data.synth.generate=true", "data.synth.num_train=10", "data.synth.num_val=2",
+        "data.synth.size=[40,48]",
         "data.crop_size=[32,32]", "seed=3",
     ])
     ensure_synthetic(cfg)

@@ -319,6 +319,7 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
         f"storage.path={out}/runs",
         f"data.train_uri={out}/data/train",
         f"data.val_uri={out}/data/val",
+        "data.synth.generate=true",
         "data.synth.num_train=16",
         "data.synth.num_val=2",
         "data.synth.size=[64,64]",

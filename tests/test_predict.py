@@ -20,7 +20,7 @@ from hrt_ray.data.codec import decode_image, encode_png
 from hrt_ray.data.specs import get_spec, spec_from_dict
 from hrt_ray.data.synth import draw_scene
 from hrt_ray.infer.labels import colourize, overlay, to_label_image, train_to_original_lut
-from hrt_ray.infer.predict import LABELS_DIR, OVERLAYS_DIR, REPORT_FILE, PredictError, plan
+from hrt_ray.infer.predict import LABELS_DIR, OVERLAYS_DIR, REPORT_FILE, PredictError, overlay_name, plan
 
 # Three classes whose original ids are 10/20/30 (like Cityscapes labelIds -> trainIds).
 SPEC = {
@@ -83,7 +83,7 @@ def test_plan_skips_written_outputs_and_rejects_collisions(tmp_path: Path) -> No
     storage.write_bytes(str(src / "notes.txt"), b"not an image, not listed")
     storage.write_bytes(str(dst / LABELS_DIR / "a.png"), b"x")
     storage.write_bytes(str(dst / LABELS_DIR / "sub/c.png"), b"x")
-    storage.write_bytes(str(dst / OVERLAYS_DIR / "sub/c.png"), b"x")
+    storage.write_bytes(str(dst / OVERLAYS_DIR / "sub/overlay_c.png"), b"x")
 
     without = plan(str(src), str(dst), overlay=False)
     assert (without.total, without.done) == (3, 2)
@@ -138,7 +138,7 @@ def test_predict_cli_from_s3_bucket(ray_session, s3_bucket: str, tmp_path: Path,
         assert labels.shape == (h, w) and labels.dtype == np.uint8
         assert set(np.unique(labels)) <= {10, 20, 30}, name
         train_ids = (labels // 10 - 1).astype(np.uint8)
-        over = read_png((dst / OVERLAYS_DIR / f"{stem}.png").read_bytes())
+        over = read_png((dst / OVERLAYS_DIR / overlay_name(name)).read_bytes())
         assert over.shape == (h, w, 3)
         # The overlay is the image blended with the palette colour of each predicted class.
         np.testing.assert_array_equal(over, overlay(originals[name], train_ids, spec))

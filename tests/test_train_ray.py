@@ -32,6 +32,7 @@ def tiny_config(data_dir: Path, storage: str, name: str, *overrides: str) -> Exp
             f"storage.path={storage}",
             f"data.train_uri={data_dir}/train",
             f"data.val_uri={data_dir}/val",
+            "data.synth.generate=true",
             "data.synth.num_train=32",
             "data.synth.num_val=4",
             "data.synth.size=[64,64]",

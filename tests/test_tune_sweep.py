@@ -37,6 +37,7 @@ def overrides(tmp: Path) -> list[str]:
         f"storage={tmp}/sweeps",
         f"experiment.data.train_uri={tmp}/data/train",
         f"experiment.data.val_uri={tmp}/data/val",
+        "experiment.data.synth.generate=true",
         "experiment.data.synth.num_train=16",
         "experiment.data.synth.num_val=2",
         # Rungs at iteration 2 (and 4 = the end): a trial below the median at 2 stops there.

@@ -167,7 +167,7 @@ def _predict_and_export(work: Path, checkpoint: str) -> dict[str, Any]:
     from PIL import Image
 
     from hrt_ray.config import load_config
-    from hrt_ray.serve.model import load_model
+    from hrt_ray.infer.model import load_model
     from hrt_ray.train.cli import default_config_path
     from hrt_ray.train.loop import resolve_num_classes
 

@@ -20,10 +20,12 @@ from typing import Any
 
 _EXPORTS = {
     "DataError": "hrt_ray.data.codec",
+    "LabelledPixelGuard": "hrt_ray.data.guard",
     "bad_records": "hrt_ray.data.pipeline",
     "build_datasets": "hrt_ray.data.pipeline",
     "iter_batches": "hrt_ray.data.pipeline",
     "resolve_spec": "hrt_ray.data.pipeline",
+    "skipped_records": "hrt_ray.data.pipeline",
     "Record": "hrt_ray.data.shards",
     "read_manifest": "hrt_ray.data.shards",
     "write_shards": "hrt_ray.data.shards",

@@ -69,6 +69,11 @@ class PipelineState:
         self.world_size = 1
         self.epochs: dict[int, int] = {}
         self.bad: dict[str, str] = {}
+        #: Records skipped so far: one per bad record, a shard's manifest count per lost shard.
+        self.skipped = 0
+        #: Training shard path -> records its manifest lists; epoch -> shard path -> records read.
+        self.expected: dict[str, int] = {}
+        self.read: dict[int, dict[str, int]] = {}
 
     def announce(self, split: int, world_size: int, epoch: int) -> None:
         if world_size != self.world_size:  # a new worker group (elastic resize, restart)
@@ -83,14 +88,52 @@ class PipelineState:
             return self.seed, max(self.epochs.values())
         return self.seed, min(self.epochs.values())
 
-    def report_bad(self, where: str, reason: str) -> int:
+    def expect(self, records_per_shard: dict[str, int]) -> None:
+        """The training shards and their manifest counts, which every epoch must read in full."""
+        self.expected = dict(records_per_shard)
+
+    def begin(self, read: dict[str, int]) -> tuple[int, int]:
+        """A train map task starts: count the records it read per shard; return (seed, epoch)."""
+        seed, epoch = self.current()
+        counts = self.read.setdefault(epoch, {})
+        for path, n in read.items():
+            counts[path] = counts.get(path, 0) + int(n)
+        return seed, epoch
+
+    def shortfall(self, epoch: int) -> str:
+        """Why epoch ``epoch`` read fewer records than the manifest lists ('' if it did not).
+
+        Called once a consumer has drained its split, i.e. once the epoch's execution is done.
+        Shards already skipped under ``max_bad_records`` are not expected.
+        """
+        got = self.read.get(epoch, {})
+        short = {p: (got.get(p, 0), n) for p, n in self.expected.items() if got.get(p, 0) < n}
+        if not short:
+            return ""
+        missing = sum(n - g for g, n in short.values())
+        total = sum(self.expected.values())
+        listing = "; ".join(f"{p}: read {g} of {n}" for p, (g, n) in sorted(short.items()))
+        return (
+            f"data epoch {epoch} read {total - missing} of the {total} training records the manifest "
+            f"lists: {listing}. Ray Data skips files it cannot read as records (e.g. zero-size "
+            "files); re-write these shards"
+        )
+
+    def report_bad(self, where: str, reason: str, records: int = 1) -> int:
+        """Count ``records`` skipped at ``where`` (once per place); returns the running total."""
         if where not in self.bad:
             self.bad[where] = reason
-            log.warning("skipped bad record %d/%d: %s", len(self.bad), self.max_bad, reason)
-        return len(self.bad)
+            self.skipped += records
+            log.warning(
+                "skipped %d bad record(s), %d/%d in all: %s", records, self.skipped, self.max_bad, reason
+            )
+        return self.skipped
 
     def bad_records(self) -> dict[str, str]:
         return dict(self.bad)
+
+    def skipped_records(self) -> int:
+        return self.skipped
 
 
 def _state_actor(seed: int, max_bad_records: int):
@@ -151,7 +194,10 @@ def _train_udf(
 ) -> pa.Table:
     import ray
 
-    seed, epoch = ray.get(state.current.remote())
+    read: dict[str, int] = {}
+    for path in batch["path"]:
+        read[str(path)] = read.get(str(path), 0) + 1
+    seed, epoch = ray.get(state.begin.remote(read))
     augment = TrainAugment(params)
     keys, images, masks = [], [], []
     for key, img_bytes, mask_bytes, path in zip(
@@ -236,6 +282,95 @@ def resolve_spec(cfg) -> DatasetSpec:
     return get_spec(cfg.data.dataset)
 
 
+_SPEC_FIELDS = ("num_classes", "ignore_index", "label_mapping", "reduce_zero_label")
+
+
+def check_spec_matches(spec: DatasetSpec, manifest: dict, uri: str, dataset: str) -> None:
+    """Refuse shards written for another dataset than the one the config names.
+
+    The run maps raw mask values with the config's spec; on shards of another dataset that
+    mapping is meaningless (``data.dataset=cityscapes`` on synthetic shards turns every pixel
+    into ignore: loss 0, mIoU 0, exit 0). The manifest records the spec the shards were written
+    with, so the two are compared here, on the driver, before anything trains.
+    """
+    written = spec_from_dict(manifest["spec"], f"{uri}/manifest.json")
+    diffs = [
+        f"{name}: {getattr(written, name)!r} in the manifest, {getattr(spec, name)!r} in the run's spec"
+        for name in _SPEC_FIELDS
+        if getattr(written, name) != getattr(spec, name)
+    ]
+    if written.name != spec.name or diffs:
+        detail = "; ".join(diffs) if diffs else "same label mapping, different name"
+        raise DataError(
+            f"{uri}: the shards were written for dataset {written.name!r} (manifest.json), but the "
+            f"run uses data.dataset={dataset} ({spec.name!r}): {detail}. Point data.train_uri/"
+            f"data.val_uri at {spec.name} shards, or set data.dataset to the shards' dataset"
+        )
+
+
+def _shard_problem(loc: Any, expected: int) -> str | None:
+    """Why a shard listed in the manifest cannot deliver its ``expected`` records (None if it can)."""
+    try:
+        info = loc.filesystem.get_file_info(loc.path)
+        if info.type.name == "NotFound":
+            return "missing"
+        if info.size == 0:
+            return "zero bytes (Ray Data would skip it silently)"
+        with loc.filesystem.open_input_file(loc.path) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        return f"unreadable ({exc})"
+    if rows != expected:
+        return f"holds {rows} records"
+    return None
+
+
+def verify_shards(uri: str, manifest: dict, endpoint: str | None, threads: int = 16) -> list[dict]:
+    """Shards of ``manifest`` that cannot deliver their records: ``[{file, records, problem}]``.
+
+    Reads each shard's Parquet footer (one small request per shard), so a zero-byte, truncated
+    or missing shard is found before training instead of Ray Data skipping it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = manifest["shards"]
+    locs = [storage.resolve(u, endpoint) for u in shard_uris(uri, manifest)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        problems = list(pool.map(_shard_problem, locs, [int(s["num_records"]) for s in shards]))
+    return [
+        {"file": s["file"], "uri": loc.uri, "records": int(s["num_records"]), "problem": p}
+        for s, loc, p in zip(shards, locs, problems, strict=True)
+        if p is not None
+    ]
+
+
+def readable_manifest(uri: str, manifest: dict, endpoint: str | None, state: Any, max_bad: int) -> dict:
+    """``manifest`` without its unreadable shards, whose records count against ``max_bad_records``.
+
+    A shortfall beyond ``max_bad_records`` is a :class:`DataError` naming every affected shard.
+    """
+    import ray
+
+    broken = verify_shards(uri, manifest, endpoint)
+    if not broken:
+        return manifest
+    lost = sum(b["records"] for b in broken)
+    listing = "; ".join(f"{b['uri']}: {b['problem']} (manifest: {b['records']} records)" for b in broken)
+    already = ray.get(state.skipped_records.remote()) if state is not None else 0
+    if lost + already > max_bad:
+        raise DataError(
+            f"{uri}: {len(broken)} of {len(manifest['shards'])} shard(s) cannot deliver the records "
+            f"manifest.json lists, {lost} of {manifest['num_records']} records: {listing}. Re-write "
+            f"them (`hrt-ray data prepare` / `data synth` skip shards that exist: delete these first) "
+            f"or allow skipping them with data.max_bad_records>={lost + already}"
+        )
+    for b in broken:
+        ray.get(state.report_bad.remote(f"shard {b['uri']}", f"{b['problem']}", b["records"]))
+    names = {b["file"] for b in broken}
+    shards = [s for s in manifest["shards"] if s["file"] not in names]
+    return {**manifest, "shards": shards, "num_records": sum(int(s["num_records"]) for s in shards)}
+
+
 def _pad_rows(uri: str, manifest: dict, endpoint: str | None, count: int) -> list[dict]:
     """``count`` copies of the first record of a shard set, keyed as padding."""
     loc = storage.resolve(shard_uris(uri, manifest)[0], endpoint)
@@ -283,7 +418,19 @@ def build_datasets(cfg) -> dict:
     for uri, manifest in ((d.train_uri, train_manifest), (d.val_uri, val_manifest)):
         if manifest["num_records"] < 1:
             raise DataError(f"{uri}: the shard set holds no records")
+        check_spec_matches(spec, manifest, uri, d.dataset)
     state = _state_actor(int(cfg.seed), int(d.max_bad_records))
+    train_manifest = readable_manifest(d.train_uri, train_manifest, endpoint, state, int(d.max_bad_records))
+    train_paths = _paths(d.train_uri, train_manifest, endpoint)
+    ray.get(
+        state.expect.remote(
+            {p: int(s["num_records"]) for p, s in zip(train_paths, train_manifest["shards"], strict=True)}
+        )
+    )
+    val_manifest = readable_manifest(d.val_uri, val_manifest, endpoint, state, int(d.max_bad_records))
+    for uri, manifest in ((d.train_uri, train_manifest), (d.val_uri, val_manifest)):
+        if manifest["num_records"] < 1:
+            raise DataError(f"{uri}: no readable records left after skipping the unreadable shards")
 
     params = AugmentParams(
         crop_size=(int(crop[0]), int(crop[1])),
@@ -295,7 +442,7 @@ def build_datasets(cfg) -> dict:
         ignore_index=spec.ignore_index,
     )
     train = ray.data.read_parquet(
-        _paths(d.train_uri, train_manifest, endpoint),
+        train_paths,
         filesystem=_filesystem(d.train_uri, endpoint),
         include_paths=True,
         shuffle=FileShuffleConfig(seed=int(cfg.seed), reseed_after_execution=True),
@@ -416,6 +563,19 @@ def iter_batches(
         local_shuffle_buffer_size=buffer or None,
         local_shuffle_seed=shuffle_seed if buffer else None,
     )
+    if train and state is not None:  # the split is drained: the epoch's execution has finished
+        problem = ray.get(state.shortfall.remote(int(epoch)))
+        if problem:
+            raise DataError(problem)
+
+
+def skipped_records(datasets: dict) -> int:
+    """How many records were skipped under ``data.max_bad_records`` (bad records + lost shards)."""
+    import ray
+
+    ds = next(iter(datasets.values()))
+    state = ds.context.get_config(STATE_KEY, None)
+    return int(ray.get(state.skipped_records.remote())) if state is not None else 0
 
 
 def bad_records(datasets: dict) -> dict[str, str]:

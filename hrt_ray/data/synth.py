@@ -17,7 +17,7 @@ import zlib
 import cv2
 import numpy as np
 
-from hrt_ray.data.codec import encode_png
+from hrt_ray.data.codec import DataError, encode_png
 from hrt_ray.data.shards import Record, has_shards, write_shards
 from hrt_ray.data.specs import synthetic_spec
 
@@ -160,8 +160,32 @@ def synth(
     )
 
 
+def _default_uris() -> dict[str, str]:
+    """The embedded default's own shard URIs (``data.train_uri``/``val_uri`` of the defaults)."""
+    from hrt_ray.config import DataConfig
+
+    d = DataConfig()
+    return {"train": d.train_uri, "val": d.val_uri}
+
+
+def _same_location(uri: str, default: str) -> bool:
+    """Whether ``uri`` names the default's relative path (resolved against the working directory)."""
+    from pathlib import Path
+
+    from hrt_ray import storage
+
+    if storage.is_remote(uri):
+        return False
+    return Path(uri).expanduser().resolve() == Path(default).resolve()
+
+
 def ensure_synthetic(cfg) -> None:
-    """Generate the default dataset at ``cfg.data.{train,val}_uri`` unless shards are already there.
+    """Generate the default dataset where it belongs, unless shards are already there.
+
+    Generation happens only at the embedded default's own paths (``data/synthetic/{train,val}``)
+    or where ``data.synth.generate=true`` asks for it. Anywhere else a missing shard set is a
+    :class:`DataError` naming the URI: a mistyped ``data.train_uri`` must not quietly get 256
+    fresh images and train on them.
 
     Safe when several processes race: shard contents are deterministic, each write is atomic,
     and the manifest (which is what readers look for) is written last.
@@ -170,12 +194,20 @@ def ensure_synthetic(cfg) -> None:
         return
     s = cfg.data.synth
     endpoint = cfg.storage.endpoint
+    defaults = _default_uris()
     for split, uri, num in (
         ("train", cfg.data.train_uri, s.num_train),
         ("val", cfg.data.val_uri, s.num_val),
     ):
         if has_shards(uri, endpoint):
             continue
+        if not (s.generate or _same_location(uri, defaults[split])):
+            raise DataError(
+                f"data.{split}_uri={uri}: no shard set there (no manifest.json). The synthetic "
+                f"dataset is generated only at the default's own path ({defaults[split]}); check "
+                f"the URI for a typo, write it with `hrt-ray data synth --dst <root>` (writes "
+                f"<root>/train and <root>/val), or set data.synth.generate=true"
+            )
         log.info("generating %d synthetic %s scenes at %s", num, split, uri)
         synth(
             uri,

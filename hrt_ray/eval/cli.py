@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hrt_ray.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, training=False)
 
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.ray_local import ensure_ray

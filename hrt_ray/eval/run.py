@@ -48,7 +48,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from hrt_ray.train.loop import autocast_dtype, confusion_over, resolve_num_classes
     from hrt_ray.train.watchdog import iter_with_timeout
 
-    cfg = from_dict(config["cfg"], source="eval_loop_config")
+    cfg = from_dict(config["cfg"], source="eval_loop_config", training=False)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cpu" and cfg.scaling.cpus_per_worker >= 1:
@@ -152,7 +152,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
                 "num_workers": max(1, cfg.scaling.num_workers),
                 "min_workers": None,
             },
-        }
+        },
+        source="eval config",
+        training=False,
     )
     with tempfile.TemporaryDirectory(prefix="hrt-eval-") as scratch:
         eval_cfg.storage.path = scratch  # the eval run's own bookkeeping; results go beside the checkpoint

@@ -17,13 +17,25 @@ Design:
 * **Stream**: Ray Data's streaming executor bounds the blocks in flight; the driver consumes the
   status rows as they come, prints progress and finally writes ``predict-report.json``.
 
+* **Restart only what the same settings wrote**: ``predict-settings.json`` in ``--dst`` records
+  what determines the label values (checkpoint URI, size and SHA-256, ``--ids``, dataset spec,
+  model, channel order, eval mode/scales/flip/crop/stride). A rerun with the same settings resumes
+  (skips written outputs); with other settings it refuses and names each difference, unless
+  ``--overwrite`` (which first deletes the old ``labels/`` and ``overlays/``). Without this a
+  rerun with ``--ids original`` over train-id outputs rewrote nothing and the official
+  evaluator scored the stale files.
+
 Output layout under ``--dst``: ``labels/<relative path>.png`` (train ids, or the dataset's
-original ids with ``--ids original``) and, with ``--overlay``, ``overlays/<relative path>.png``.
+original ids with ``--ids original``): exactly the files a benchmark server takes, nothing else.
+With ``--overlay``, ``overlays/<dir>/overlay_<name>.png``: the prefix keeps overlays from
+matching the official Cityscapes evaluator's ``<city>_<seq>_<frame>*.png`` search, which
+otherwise finds two predictions per image when pointed at ``--dst``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import posixpath
 import sys
@@ -37,6 +49,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABELS_DIR = "labels"
 OVERLAYS_DIR = "overlays"
 REPORT_FILE = "predict-report.json"
+SETTINGS_FILE = "predict-settings.json"
+OVERLAY_PREFIX = "overlay_"
 
 
 class PredictError(RuntimeError):
@@ -51,6 +65,12 @@ class PredictError(RuntimeError):
 def output_name(rel: str) -> str:
     """``city/a.jpg`` -> ``city/a.png``: the output key of an input's relative path."""
     return posixpath.splitext(rel)[0] + ".png"
+
+
+def overlay_name(rel: str) -> str:
+    """``city/a.jpg`` -> ``city/overlay_a.png``: never the label's name, nor an evaluator's match."""
+    head, tail = posixpath.split(output_name(rel))
+    return posixpath.join(head, OVERLAY_PREFIX + tail)
 
 
 def _relative(path: str, root: str) -> str:
@@ -70,8 +90,13 @@ class Plan:
     total: int
 
 
-def plan(src: str, dst: str, *, overlay: bool, endpoint: str | None = None) -> Plan:
-    """List ``src`` images, drop those whose outputs exist under ``dst`` (restart), check names."""
+def plan(
+    src: str, dst: str, *, overlay: bool, endpoint: str | None = None, redo_all: bool = False
+) -> Plan:
+    """List ``src`` images, drop those whose outputs exist under ``dst`` (restart), check names.
+
+    ``redo_all`` (``--overwrite``) keeps every image to do whatever exists.
+    """
     from hrt_ray import storage
 
     src_loc = storage.resolve(src, endpoint)
@@ -95,12 +120,13 @@ def plan(src: str, dst: str, *, overlay: bool, endpoint: str | None = None) -> P
             )
         owners[name] = p
     existing: set[str] = set()
-    if storage.exists(dst, endpoint):
+    if storage.exists(dst, endpoint) and not redo_all:
         existing = {_relative(p, dst_loc.path) for p in storage.list_files(dst, ".png", endpoint=endpoint)}
     todo = [
         p
         for name, p in owners.items()
-        if f"{LABELS_DIR}/{name}" not in existing or (overlay and f"{OVERLAYS_DIR}/{name}" not in existing)
+        if f"{LABELS_DIR}/{name}" not in existing
+        or (overlay and f"{OVERLAYS_DIR}/{overlay_name(name)}" not in existing)
     ]
     return Plan(src_root=src_loc.path, todo=sorted(todo), done=len(paths) - len(todo), total=len(paths))
 
@@ -162,7 +188,7 @@ class PredictActor:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.cfg = from_dict(cfg, source="predict config")
+        self.cfg = from_dict(cfg, source="predict config", training=False)
         self.segmenter = Segmenter.load(
             self.cfg,
             checkpoint,
@@ -177,7 +203,8 @@ class PredictActor:
         self.endpoint = self.cfg.storage.endpoint
 
     def _uri(self, folder: str, key: str) -> str:
-        return f"{self.dst}/{folder}/{output_name(key)}"
+        name = overlay_name(key) if folder == OVERLAYS_DIR else output_name(key)
+        return f"{self.dst}/{folder}/{name}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from hrt_ray import storage
@@ -258,6 +285,103 @@ class PredictSummary:
         }
 
 
+def file_digest(uri: str, endpoint: str | None) -> tuple[int, str]:
+    """(size in bytes, SHA-256) of a file, streamed: the checkpoint's identity, whatever its path."""
+    from hrt_ray import storage
+
+    loc = storage.resolve(uri, endpoint)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with loc.filesystem.open_input_stream(loc.path) as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise PredictError(f"{uri}: cannot read the checkpoint: {exc}") from exc
+    return size, digest.hexdigest()
+
+
+def run_settings(cfg: Any, ckpt: str, spec: Any, num_classes: int, ids: str) -> dict[str, Any]:
+    """Everything that decides the label values written: a different value means other labels."""
+    from hrt_ray.infer.model import InferenceOptions
+
+    size, sha = file_digest(ckpt, cfg.storage.endpoint)
+    opts = InferenceOptions.from_config(cfg)
+    return {
+        "checkpoint": ckpt,
+        "checkpoint_bytes": size,
+        "checkpoint_sha256": sha,
+        "ids": ids,
+        "dataset": spec.name,
+        "label_mapping": {str(k): v for k, v in sorted((spec.label_mapping or {}).items())},
+        "reduce_zero_label": spec.reduce_zero_label,
+        "num_classes": num_classes,
+        "arch": cfg.model.arch,
+        "window_size": cfg.model.window_size,
+        "channel_order": cfg.data.channel_order,
+        "eval_mode": opts.mode,
+        "eval_scales": list(opts.scales),
+        "eval_flip": opts.flip,
+        "eval_crop": list(opts.crop) if opts.crop else None,
+        "eval_stride": list(opts.stride) if opts.stride else None,
+    }
+
+
+def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each setting that differs (the checkpoint path alone is not one)."""
+    same_file = (old.get("checkpoint_sha256"), old.get("checkpoint_bytes")) == (
+        new["checkpoint_sha256"],
+        new["checkpoint_bytes"],
+    )
+    return [
+        f"{key}: {old.get(key)!r} -> {new[key]!r}"
+        for key in new
+        if old.get(key) != new[key] and not (key == "checkpoint" and same_file)
+    ]
+
+
+def _delete_outputs(dst: str, endpoint: str | None) -> None:
+    from hrt_ray import storage
+
+    for folder in (LABELS_DIR, OVERLAYS_DIR):
+        uri = f"{dst.rstrip('/')}/{folder}"
+        if storage.exists(uri, endpoint):
+            loc = storage.resolve(uri, endpoint)
+            try:
+                loc.filesystem.delete_dir(loc.path)
+            except OSError as exc:
+                raise PredictError(f"{uri}: cannot delete the old outputs for --overwrite: {exc}") from exc
+
+
+def claim_destination(dst: str, settings: dict[str, Any], *, overwrite: bool, endpoint: str | None) -> None:
+    """Make ``dst`` hold only outputs of ``settings``: resume, refuse, or (``overwrite``) clear it.
+
+    Raises :class:`PredictError` naming each difference when ``dst`` holds outputs of other
+    settings, or outputs without a settings record (nothing says what wrote them).
+    """
+    from hrt_ray import storage
+
+    record = f"{dst.rstrip('/')}/{SETTINGS_FILE}"
+    old = json.loads(storage.read_bytes(record, endpoint)) if storage.exists(record, endpoint) else None
+    labels = f"{dst.rstrip('/')}/{LABELS_DIR}"
+    has_outputs = storage.exists(labels, endpoint) and bool(storage.list_files(labels, ".png", endpoint))
+    if old is not None and old != settings:
+        diffs = settings_differences(old, settings)
+        if diffs and not overwrite:
+            raise PredictError(
+                f"{dst} holds outputs of other settings ({record}): {'; '.join(diffs)}. Resuming would mix "
+                "them; use another --dst, or --overwrite to delete labels/ and overlays/ there first"
+            )
+    elif old is None and has_outputs and not overwrite:
+        raise PredictError(
+            f"{labels} holds label files but {record} does not exist, so nothing says which checkpoint "
+            "or settings wrote them; use another --dst, or --overwrite to delete labels/ and overlays/ first"
+        )
+    if overwrite:
+        _delete_outputs(dst, endpoint)
+    storage.write_bytes(record, json.dumps(settings, indent=2).encode(), endpoint)
+
+
 def cluster_gpus() -> int:
     import ray
 
@@ -272,6 +396,7 @@ def run_predict(
     *,
     ids: str = "train",
     overlay: bool = False,
+    overwrite: bool = False,
     device: str = "auto",
     workers: int | None = None,
     batch_size: int = 4,
@@ -280,6 +405,9 @@ def run_predict(
     log: Any = None,
 ) -> PredictSummary:
     """Segment every image under ``src`` not yet done into ``dst``; Ray must be initialised.
+
+    ``dst`` resumes only outputs of the same settings (:func:`claim_destination`); ``overwrite``
+    replaces outputs of other settings.
 
     Progress and skipped images go to ``log`` (default: the current ``sys.stderr``).
     """
@@ -307,7 +435,10 @@ def run_predict(
         load_model(cfg, ckpt, num_classes)
     except CheckpointError as exc:
         raise PredictError(str(exc)) from exc
-    work = plan(src, dst, overlay=overlay, endpoint=endpoint)
+    work = plan(src, dst, overlay=overlay, endpoint=endpoint, redo_all=overwrite)
+    claim_destination(
+        dst, run_settings(cfg, ckpt, spec, num_classes, ids), overwrite=overwrite, endpoint=endpoint
+    )
     gpus = cluster_gpus()
     use_gpu = device in ("gpu", "cuda") or (device == "auto" and gpus > 0)
     if use_gpu and gpus == 0:
@@ -392,7 +523,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="train",
         help="label values: train ids, or the dataset's original ids (e.g. Cityscapes labelIds)",
     )
-    parser.add_argument("--overlay", action="store_true", help="also write palette overlays")
+    parser.add_argument(
+        "--overlay", action="store_true", help="also write palette overlays (overlays/.../overlay_*.png)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--dst holds outputs of other settings: delete its labels/ and overlays/ and redo every image",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="same-size images per forward pass")
@@ -405,7 +543,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hrt_ray.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, training=False)
     if args.workers is not None and args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
@@ -422,6 +560,7 @@ def run(args: argparse.Namespace) -> int:
             args.dst,
             ids=args.ids,
             overlay=args.overlay,
+            overwrite=args.overwrite,
             device=args.device,
             workers=args.workers,
             batch_size=args.batch_size,

@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hrt_ray.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, training=False)
     if args.num < 1:
         print("error: --num must be >= 1", file=sys.stderr)
         return 2

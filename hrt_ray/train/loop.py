@@ -476,7 +476,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from hrt_ray.data import iter_batches
+    from hrt_ray.data import LabelledPixelGuard, iter_batches
 
     cfg = from_dict(config["cfg"], source="train_loop_config")
     fault = config.get("fault") or {}
@@ -629,6 +629,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         history.append([0.0, val["val/mIoU"]])
         report(val, with_checkpoint=False)
 
+    guard = LabelledPixelGuard(
+        cfg.loss.ignore_index,
+        where=f"rank {rank}: ",
+        hint=f" (data.dataset={cfg.data.dataset}, shards {cfg.data.train_uri})",
+    )
     meter = Meter()
     preempt_saved = False  # one just-in-time checkpoint per worker group and notice
     while iteration < cfg.optim.max_iters:
@@ -648,6 +653,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         for batch in batches:
             t_step = time.perf_counter()
             got_batch = True
+            guard.update(batch["mask"])
             meter.wait_s += t_step - t_wait
             if fault.get("crash_at_iter") == iteration + 1 and rank == world - 1:
                 marker = Path(fault["marker"])
@@ -713,6 +719,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 f"{world} workers?)"
             )
         if iteration < cfg.optim.max_iters:
+            guard.end_epoch(data_epoch)
             data_epoch += 1
     if tb is not None:
         tb.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hrt_ray.config import ExperimentConfig, to_dict
+from hrt_ray.config import ExperimentConfig, check_batch_split, to_dict
 from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
 # The preflight lives in its own module; callers of ``trainer`` keep importing these names here.
@@ -113,8 +113,9 @@ def build_trainer(
     worker failure instead of spending ``failure.max_failures`` retries on it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from hrt_ray.train.distributed import BoundStoreTorchConfig
     from hrt_ray.train.failures import FailFast
     from hrt_ray.train.loop import train_loop_per_worker
 
@@ -145,7 +146,8 @@ def build_trainer(
         ),
     )
     # The process-group timeout bounds every collective: a stalled all-reduce fails the run.
-    torch_config = TorchConfig(
+    # Rank 0's store listens on the advertised address only, not on every interface.
+    torch_config = BoundStoreTorchConfig(
         backend="nccl" if cfg.scaling.use_gpu else "gloo",
         timeout_s=max(1, int(cfg.failure.stall_timeout_s)),
     )
@@ -178,6 +180,8 @@ class TrainSummary:
     resumed_from: int | None = None
     history: list[list[float]] = field(default_factory=list)
     eval: dict[str, Any] | None = None
+    #: Records skipped under ``data.max_bad_records`` (bad records, records of unreadable shards).
+    skipped_records: int = 0
 
     def lines(self) -> list[str]:
         def pct(v: float | None) -> str:
@@ -197,6 +201,7 @@ class TrainSummary:
             f"checkpoint     {self.checkpoint}",
             f"best           {self.best_checkpoint}",
             f"tensorboard    {self.tensorboard}",
+            f"skipped        {self.skipped_records} record(s) under data.max_bad_records",
             f"run directory  {self.run_dir}",
         ]
         return out
@@ -231,6 +236,7 @@ def fit(
     from hrt_ray.train.resume import check_resume
     from hrt_ray.train.runlock import RunLock
 
+    check_batch_split(cfg)
     lock = RunLock(
         run_uri(cfg),
         endpoint=cfg.storage.endpoint,
@@ -274,6 +280,8 @@ def _fit(
             reverse=True,
         )
         best_ckpt = checkpoint_uri(cfg, ranked[0][0])
+    from hrt_ray.data import skipped_records
+
     final_val = [h for h in history if h[0] == value.get("iteration")]
     return TrainSummary(
         name=cfg.name,
@@ -287,4 +295,5 @@ def _fit(
         tensorboard=f"{run_uri(cfg)}/tensorboard",
         resumed_from=value.get("resumed_from"),
         history=history,
+        skipped_records=skipped_records(datasets),
     )
