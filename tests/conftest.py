@@ -126,6 +126,7 @@ def ray_session(s3_server: str) -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new instance of our own, never one some other process left running
             num_cpus=4,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
