@@ -472,7 +472,7 @@ def test_training_job_scales_up_runs_and_scales_down(
     not off the stand-in's."""
     assert cluster.worker_nodes() == []
     seen: list[str] = []
-    status, logs = cluster.wait_job(cluster.submit(train_entrypoint(workdir, "scale")), 600, seen)
+    status, logs = cluster.wait_job(cluster.submit(train_entrypoint(workdir, "scale")), 900, seen)
     assert status == "SUCCEEDED", logs[-4000:]
     assert "waiting up to" in logs and "resources ready" in logs, logs[-3000:]
     assert (workdir / "runs" / "scale" / "summary.json").exists()
@@ -487,7 +487,7 @@ def test_spot_unavailable_launches_the_on_demand_twin(
     """No spot capacity (the spot type may launch nothing): the same job gets on-demand."""
     with cluster.node_types(gpu1_spot={"max_workers": 0}):
         seen: list[str] = []
-        status, logs = cluster.wait_job(cluster.submit(train_entrypoint(workdir, "ondemand")), 600, seen)
+        status, logs = cluster.wait_job(cluster.submit(train_entrypoint(workdir, "ondemand")), 900, seen)
         assert status == "SUCCEEDED", logs[-4000:]
         assert seen[0] == "gpu1_ondemand" and "gpu1_spot" not in seen, seen
     cluster.wait_scaled_to_zero(timeout=300)
