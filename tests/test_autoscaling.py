@@ -215,7 +215,9 @@ class FakeAutoscalingCluster:
             # Ray Data asks the autoscaler for more CPU when its utilisation is high. Ray keeps
             # CPU-only demand off node types with "GPU", but the stand-in is a custom resource,
             # so here that demand would launch the 8-"GPU" types (4 CPUs, the most per node).
-            # Ray Data's cluster scale-up stays off: the nodes launched are the training's.
+            # Ray Data's own utilisation-driven scale-up is off here; what Train's and Data's
+            # autoscaling coordinator asks for during a run can still add nodes (seen: cpu and
+            # gpu8 types) beside the one the request launches first.
             **{
                 f"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_{kind}_UTIL_THRESHOLD": "2"
                 for kind in ("CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY")
