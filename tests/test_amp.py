@@ -90,6 +90,8 @@ def test_amp_config_is_honoured_on_cpu() -> None:
     assert build_grad_scaler(torch.bfloat16, CPU) is None
 
 
+# A whole-model step; CPU fp16/bf16 kernels are slow without bf16 units, more so on a loaded box.
+@pytest.mark.timeout(3000)
 def test_bf16_step_matches_fp32_step() -> None:
     """The whole model's step under bf16 autocast against fp32, on the same batch and weights.
 
@@ -147,6 +149,8 @@ class _DtypeRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# A whole-model step; CPU fp16/bf16 kernels are slow without bf16 units, more so on a loaded box.
+@pytest.mark.timeout(3000)
 def test_ocr_softmax_and_loss_run_in_fp32_under_autocast() -> None:
     model = _model()
     recorder = _DtypeRecorder()
@@ -204,6 +208,8 @@ def test_custom_kernels_run_in_the_autocast_dtype(dtype: torch.dtype) -> None:
         assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > MIN_COSINE
 
 
+# A whole-model step; CPU fp16/bf16 kernels are slow without bf16 units, more so on a loaded box.
+@pytest.mark.timeout(3000)
 def test_fp16_scaler_skips_a_step_with_an_inf_gradient_on_cpu() -> None:
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
