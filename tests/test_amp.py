@@ -242,8 +242,12 @@ def test_fp16_scaler_skips_a_step_with_an_inf_gradient_on_cpu() -> None:
 
     step = train_step(model, _batch(1), opt, sched, scaler, LOSS_ARGS, CPU, torch.float16)
     handle.remove()
-    assert not step.skipped
-    assert not torch.equal(victim.detach(), before["cls_head.weight"])
+    # Without the hook the step applies, unless fp16 overflows at the still-high scale (then it
+    # is skipped and the scale backs off again): either way nothing non-finite is left.
+    if step.skipped:
+        assert scaler.get_scale() < scale * scaler.get_backoff_factor()
+    else:
+        assert not torch.equal(victim.detach(), before["cls_head.weight"])
     assert non_finite_state(model, opt) == []
 
 
