@@ -87,7 +87,7 @@ def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     if not named:
         return []
     norms = torch._foreach_norm([t.detach() for _, t in named], float("inf"))
-    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+    finite = torch.isfinite(torch.stack([n.double() for n in norms]))
     if bool(finite.all()):
         return []
     return [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
