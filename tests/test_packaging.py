@@ -156,8 +156,14 @@ def pip_installs(command: str) -> tuple[list[str], list[str], list[str]] | None:
     return options, files, args
 
 
+def makefile_commands() -> list[str]:
+    """The Makefile's logical lines as make reads them: continuations joined, comments dropped."""
+    text = (REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")
+    return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+
+
 def test_makefile_installs_both_locks_then_the_project_without_deps() -> None:
-    installs = [p for line in (REPO_ROOT / "Makefile").read_text().splitlines() if (p := pip_installs(line))]
+    installs = [p for line in makefile_commands() if (p := pip_installs(line))]
     assert sorted(f for _, files, _ in installs for f in files) == sorted([CPU_LOCK, DEV_LOCK]), installs
     project_installs = [(opts, args) for opts, _, args in installs if "." in args]
     assert project_installs, "the Makefile never installs the project"

@@ -157,7 +157,7 @@ def test_predict_bad_checkpoint_fails_before_any_actor(tmp_path: Path) -> None:
     from hrt_ray.config import load_config
     from hrt_ray.infer.predict import run_predict
 
-    cfg = load_config(None, ["model.num_classes=3"])
+    cfg = load_config(None, ["model.num_classes=3", "data.synth.classes=3"])
     with pytest.raises(PredictError, match="missing.pt: checkpoint not found"):
         run_predict(cfg, str(tmp_path / "missing.pt"), str(tmp_path), str(tmp_path / "out"))
     cfg_path, ckpt = write_setup(tmp_path)  # a 3-class checkpoint...

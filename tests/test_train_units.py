@@ -131,7 +131,8 @@ def test_state_is_atomic_and_weights_only(tmp_path: Path) -> None:
     state = {"model": {"w": torch.ones(3)}, "iteration": 7, "rng": [rng_state()], "best": None}
     path = save_state(tmp_path, state)
     assert path.name == CHECKPOINT_FILE
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temp file left behind
+    # The state and its completeness manifest, written last; no temp file left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_FILE, "hrt-checkpoint.json"])
     loaded = load_state(tmp_path)
     assert loaded["iteration"] == 7 and torch.equal(loaded["model"]["w"], torch.ones(3))
     # A pickled object is refused by the weights_only loader.

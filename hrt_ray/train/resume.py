@@ -145,14 +145,19 @@ def check_resume(cfg: ExperimentConfig, *, accept_changes: bool = False) -> Resu
         raise ResumeConfigError(f"{where}: the checkpoint records no config; cannot check the resume")
     current = worker_config(cfg)
     changes = config_changes(saved, current)
-    model = [c for c in changes if c.key in MODEL_KEYS]
+    # The class count that decides the weights' shapes is the resolved one: num_classes=None and
+    # num_classes=5 are the same model on a 5-class dataset.
     classes = newest.manifest.get("num_classes")
-    if not model and classes is not None and current["model"]["num_classes"] is None:
+    model = [c for c in changes if c.key in MODEL_KEYS and (c.key != "model.num_classes" or classes is None)]
+    if classes is not None:
         from hrt_ray.train.loop import resolve_num_classes
 
         now = resolve_num_classes(cfg)
         if int(now) != int(classes):
-            model.append(Change("num_classes (from data.dataset)", classes, now))
+            label = "model.num_classes" if current["model"]["num_classes"] is not None else (
+                "num_classes (from data.dataset)"
+            )
+            model.append(Change(label, classes, now))
     if model:
         raise ResumeConfigError(
             f"run {cfg.name!r} resumes from {where} (iteration {newest.iteration}), which holds a "
