@@ -53,9 +53,10 @@ def test_config_changes_are_listed_and_safe_ones_pass(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "runs" / "r", "01", 3, old)
     assert check_resume(run_config(tmp_path)).iteration == 3  # same config: a plain resume
     safe = run_config(tmp_path, "optim.max_iters=300", "eval.interval=10", "checkpoint.every=5",
-                      "failure.max_failures=1", "storage.retries=2")
+                      "failure.max_failures=1", "storage.retries=2", "checkpoint.upload=sync",
+                      "scaling.resource_wait_s=60")
     plan = check_resume(safe)
-    assert plan is not None and not plan.accepted and len(plan.safe) == 5
+    assert plan is not None and not plan.accepted and len(plan.safe) == 7
     changed = run_config(tmp_path, "optim.lr=0.5", "seed=3", "optim.max_iters=300")
     with pytest.raises(ResumeConfigError) as info:
         check_resume(changed)

@@ -33,6 +33,7 @@ RESUME_SAFE = frozenset(
     {
         "checkpoint.every",
         "checkpoint.keep",
+        "checkpoint.upload",
         "data.prefetch_batches",
         "model.compile",
         "model.channels_last",
@@ -42,6 +43,9 @@ RESUME_SAFE = frozenset(
         "scaling.resources_per_worker",
         "scaling.check_resources",
         "scaling.gpus_per_worker",
+        "scaling.resource_wait_s",
+        "scaling.resource_report_interval_s",
+        "scaling.autoscaler_config",
         "storage.endpoint",
         "storage.retries",
         "storage.retry_backoff_s",
