@@ -27,17 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def parse_hw(text: str) -> tuple[int, int]:
-    """argparse type for sizes: ``"512x1024"`` -> ``(512, 1024)`` (height x width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 512x1024, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return h, w
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hrt-ray",

@@ -12,6 +12,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -449,6 +450,17 @@ def check_batch_split(cfg: ExperimentConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # Loading, overrides, printing
 # --------------------------------------------------------------------------------------------
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    """Sizes as people type them (an argparse type too): ``"512x1024"`` -> ``(512, 1024)`` (H x W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 512x1024, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return h, w
 
 
 def _check_hw(value: Sequence[int], path: str) -> None:

@@ -18,12 +18,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hrt_ray.config import load_config
+from hrt_ray.eval.inference import autocast_dtype
 from hrt_ray.models import build_model
 from hrt_ray.models.layers import bn_gelu
 from hrt_ray.models.ocr import ObjectAttentionBlock, SpatialGather
 from hrt_ray.models.upsample_conv import upsample_concat_conv3x3
 from hrt_ray.train.loop import (
-    autocast_dtype,
     build_grad_scaler,
     non_finite_state,
     train_step,

@@ -45,8 +45,10 @@ def test_sizes_parse_as_height_by_width_and_bad_ones_name_the_value():
 
     import pytest
 
-    assert cli.parse_hw("512x1024") == (512, 1024)
-    assert cli.parse_hw("97X131") == (97, 131)
+    from hrt_ray.config import parse_hw
+
+    assert parse_hw("512x1024") == (512, 1024)
+    assert parse_hw("97X131") == (97, 131)
     for bad in ("512", "axb", "0x5", "1x2x3"):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
-            cli.parse_hw(bad)
+            parse_hw(bad)

@@ -14,9 +14,9 @@ from torch import nn
 
 from hrt_ray.config import load_config
 from hrt_ray.train.optim import build_optimizer, build_scheduler, warmup_poly_factor
+from hrt_ray.train.paths import worker_config
 from hrt_ray.train.resume import ResumeConfigError, apply_optim_config, check_resume
 from hrt_ray.train.state import CHECKPOINT_FILE, complete_checkpoints, save_state
-from hrt_ray.train.trainer import worker_config
 
 
 def run_config(tmp_path: Path, *overrides: str):

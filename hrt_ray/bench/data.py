@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from hrt_ray.cli import parse_hw
+from hrt_ray.config import parse_hw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -167,9 +167,8 @@ def _predict_and_export(work: Path, checkpoint: str) -> dict[str, Any]:
     from PIL import Image
 
     from hrt_ray.config import load_config
+    from hrt_ray.data import resolve_num_classes
     from hrt_ray.infer.model import load_model
-    from hrt_ray.train.cli import default_config_path
-    from hrt_ray.train.loop import resolve_num_classes
 
     src, dst = work / "images", work / "labels"
     src.mkdir(exist_ok=True)
@@ -206,7 +205,7 @@ def _predict_and_export(work: Path, checkpoint: str) -> dict[str, Any]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"hrt-ray export failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    cfg = load_config(default_config_path(None), [])
+    cfg = load_config(None)  # the embedded default (jobs/default.yaml is the same, tested)
     model = load_model(cfg, checkpoint, resolve_num_classes(cfg)).cuda().eval()
     model.channels_last = False
     exported = torch.jit.load(str(ts_path), map_location="cuda").eval()

@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from hrt_ray.cli import parse_hw
+from hrt_ray.config import parse_hw
 
 # Official window variants: our name -> (official backbone config name, window size).
 _OFFICIAL_ARCHS = {

@@ -17,7 +17,7 @@ import tempfile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hrt_ray.cli import parse_hw
+    from hrt_ray.config import parse_hw
 
     parser.add_argument("--config", "-c", help="experiment YAML (model, dataset, eval.* setting)")
     parser.add_argument(
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hrt_ray.config import load_config
+    from hrt_ray.data import resolve_num_classes
     from hrt_ray.infer.predict import cluster_gpus, run_predict
     from hrt_ray.models import build_model
     from hrt_ray.ray_local import ensure_ray
-    from hrt_ray.train.loop import resolve_num_classes
 
     cfg = load_config(args.config, args.overrides)
     num_classes = resolve_num_classes(cfg)

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _plain(cfg, datasets, total_iters: int, warmup: int, threads: int) -> dict[str, float]:
     import torch
 
-    from hrt_ray.data import iter_batches
-    from hrt_ray.train.loop import build_training_model, loss_kwargs, resolve_num_classes, train_step
+    from hrt_ray.data import iter_batches, resolve_num_classes
+    from hrt_ray.train.loop import build_training_model, loss_kwargs, train_step
     from hrt_ray.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "bad_records": "hrt_ray.data.pipeline",
     "build_datasets": "hrt_ray.data.pipeline",
     "iter_batches": "hrt_ray.data.pipeline",
+    "resolve_num_classes": "hrt_ray.data.pipeline",
     "resolve_spec": "hrt_ray.data.pipeline",
     "skipped_records": "hrt_ray.data.pipeline",
     "Record": "hrt_ray.data.shards",

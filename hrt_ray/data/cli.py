@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from hrt_ray.cli import parse_hw
+from hrt_ray.config import parse_hw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

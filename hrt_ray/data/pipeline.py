@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hrt_ray import storage
+from hrt_ray.config import ExperimentConfig
 from hrt_ray.data.codec import DataError, check_sizes, decode_image, decode_mask, map_mask
 from hrt_ray.data.shards import read_manifest, shard_uris
 from hrt_ray.data.specs import DatasetSpec, get_spec, spec_from_dict
@@ -270,7 +271,7 @@ def _paths(uri: str, manifest: dict, endpoint: str | None) -> list[str]:
     return [storage.resolve(u, endpoint).path for u in shard_uris(uri, manifest)]
 
 
-def resolve_spec(cfg) -> DatasetSpec:
+def resolve_spec(cfg: ExperimentConfig) -> DatasetSpec:
     """The run's dataset spec; ``synthetic`` takes its class count from the generated manifest."""
     if cfg.data.dataset == "synthetic":
         try:
@@ -280,6 +281,13 @@ def resolve_spec(cfg) -> DatasetSpec:
         except DataError:
             return get_spec("synthetic", cfg.data.synth.classes)
     return get_spec(cfg.data.dataset)
+
+
+def resolve_num_classes(cfg: ExperimentConfig) -> int:
+    """``model.num_classes`` if set, else the dataset spec's."""
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes
+    return int(resolve_spec(cfg).num_classes)
 
 
 _SPEC_FIELDS = ("num_classes", "ignore_index", "label_mapping", "reduce_zero_label")

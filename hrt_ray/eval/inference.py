@@ -8,11 +8,16 @@ so the caller takes ``argmax`` once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from hrt_ray.config import ExperimentConfig
+from hrt_ray.eval.metrics import all_reduce_confusion, confusion_matrix
 
 Model = Callable[[Tensor], dict[str, Tensor]]
 
@@ -99,3 +104,65 @@ def predict_probs(
 def predict(model: Model, image: Tensor, num_classes: int, **kwargs) -> Tensor:
     """Class index map ``(N, H, W)``; see :func:`predict_probs` for the options."""
     return predict_probs(model, image, num_classes, **kwargs).argmax(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# What validation during training, evaluation and prediction share
+# --------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``optim.amp`` asks for, on GPU and CPU alike (``None``: fp32).
+
+    CPU autocast is a real feature on CPUs with bf16 units, and it runs the same mixed-precision
+    code path as a GPU (half activations, fp32 softmax in the OCR head and fp32 loss), so the
+    AMP path is tested on machines without a GPU too.
+    """
+    if cfg.optim.amp == "off":
+        return None
+    return torch.bfloat16 if cfg.optim.amp == "bf16" else torch.float16
+
+
+def eval_window(cfg: ExperimentConfig) -> tuple[list[int] | None, list[int] | None]:
+    """Sliding-window crop and stride: as configured, else the training crop and 2/3 of it."""
+    crop = cfg.eval.crop_size or cfg.data.crop_size
+    stride = cfg.eval.stride or ([max(1, (2 * c) // 3) for c in crop] if crop else None)
+    return crop, stride
+
+
+def confusion_over(
+    model: nn.Module,
+    batches: Any,
+    num_classes: int,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    scales: list[float] | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """The confusion matrix of ``batches`` summed over all workers (every rank must call it)."""
+    was_training = model.training
+    model.eval()
+    crop, stride = eval_window(cfg)
+    matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+    with autocast:
+        for batch in batches:
+            images = batch["image"].to(device)
+            masks = batch["mask"].to(device)
+            pred = predict(
+                model,
+                images,
+                num_classes,
+                mode=cfg.eval.mode,
+                scales=scales or [1.0],
+                flip=flip,
+                crop=crop,
+                stride=stride,
+            )
+            matrix += confusion_matrix(pred, masks, num_classes, cfg.loss.ignore_index)
+    model.train(was_training)
+    return all_reduce_confusion(matrix)

@@ -43,9 +43,9 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
     import torch
 
-    from hrt_ray.data import iter_batches
+    from hrt_ray.data import iter_batches, resolve_num_classes
+    from hrt_ray.eval.inference import autocast_dtype, confusion_over
     from hrt_ray.models import build_model, load_checkpoint
-    from hrt_ray.train.loop import autocast_dtype, confusion_over, resolve_num_classes
     from hrt_ray.train.watchdog import iter_with_timeout
 
     cfg = from_dict(config["cfg"], source="eval_loop_config", training=False)

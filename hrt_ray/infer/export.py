@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from hrt_ray.cli import parse_hw
+from hrt_ray.config import parse_hw
 
 FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 #: Tolerances per format: TorchScript reruns the same kernels; ONNX Runtime has its own.
@@ -151,11 +151,11 @@ def export_checkpoint(
     import torch
 
     from hrt_ray import storage
+    from hrt_ray.data import resolve_num_classes
     from hrt_ray.data.pipeline import resolve_spec
     from hrt_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from hrt_ray.eval.run import checkpoint_file
     from hrt_ray.infer.model import load_model
-    from hrt_ray.train.loop import resolve_num_classes
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

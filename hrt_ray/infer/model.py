@@ -32,7 +32,7 @@ class InferenceOptions:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> InferenceOptions:
-        from hrt_ray.train.loop import eval_window
+        from hrt_ray.eval.inference import eval_window
 
         crop, stride = eval_window(cfg)
         return cls(
@@ -88,7 +88,7 @@ class Segmenter:
         batch_size: int = 4,
         options: InferenceOptions | None = None,
     ) -> None:
-        from hrt_ray.train.loop import autocast_dtype
+        from hrt_ray.eval.inference import autocast_dtype
 
         self.cfg = cfg
         self.model = model
@@ -116,8 +116,8 @@ class Segmenter:
         ``spec``/``num_classes`` default to the config's (``resolve_spec``/``resolve_num_classes``);
         a driver passes them in so workers need not reach the spec file or shard manifest.
         """
+        from hrt_ray.data import resolve_num_classes
         from hrt_ray.data.pipeline import resolve_spec
-        from hrt_ray.train.loop import resolve_num_classes
 
         num_classes = num_classes or resolve_num_classes(cfg)
         dev = pick_device(device)

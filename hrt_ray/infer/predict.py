@@ -415,11 +415,11 @@ def run_predict(
 
     from hrt_ray import storage
     from hrt_ray.config import to_dict
+    from hrt_ray.data import resolve_num_classes
     from hrt_ray.data.pipeline import resolve_spec
     from hrt_ray.eval.run import checkpoint_file
     from hrt_ray.infer.model import InferenceOptions, load_model
     from hrt_ray.models.checkpoint import CheckpointError
-    from hrt_ray.train.loop import resolve_num_classes
 
     log = log or sys.stderr
     if ids not in ("train", "original"):

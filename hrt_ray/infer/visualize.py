@@ -161,7 +161,7 @@ def add_tensorboard_panel(
 
 
 def _window(cfg: Any) -> dict[str, Any]:
-    from hrt_ray.train.loop import eval_window
+    from hrt_ray.eval.inference import eval_window
 
     crop, stride = eval_window(cfg)
     return {"crop": tuple(crop) if crop else None, "stride": tuple(stride) if stride else None}

@@ -154,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
 
     from hrt_ray import storage
     from hrt_ray.eval.run import evaluate_checkpoint
+    from hrt_ray.infer.visualize import add_tensorboard_panel
     from hrt_ray.ray_local import ensure_ray, logs_dir
+    from hrt_ray.train.paths import run_uri
     from hrt_ray.train.progress import Progress, ReportRelay
-    from hrt_ray.train.trainer import TrainError, fit, run_uri
+    from hrt_ray.train.trainer import TrainError, fit
 
     verbose = bool(getattr(args, "verbose", False))
     ensure_ray(verbose=verbose)
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
                         cfg,
                         callbacks=[ReportRelay(relay)],
                         accept_config_change=args.accept_config_change,
+                        val_panel=add_tensorboard_panel,
                     )
                 )
     except Interrupted as exc:

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from hrt_ray.config import ExperimentConfig, from_dict
-from hrt_ray.eval.inference import predict
-from hrt_ray.eval.metrics import SegMetrics, all_reduce_confusion, confusion_matrix, metrics_from_confusion
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.eval.inference import autocast_dtype, confusion_over
+from hrt_ray.eval.metrics import SegMetrics, metrics_from_confusion
 from hrt_ray.storage import RetryPolicy
 from hrt_ray.train.loss import segmentation_loss
 from hrt_ray.train.optim import build_optimizer, build_scheduler
@@ -48,18 +49,6 @@ class NonFiniteStateError(NonFiniteLossError):
 # --------------------------------------------------------------------------------------------
 # Building blocks shared by the Ray loop and the plain-process benchmark
 # --------------------------------------------------------------------------------------------
-
-
-def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``optim.amp`` asks for, on GPU and CPU alike (``None``: fp32).
-
-    CPU autocast is a real feature on CPUs with bf16 units, and it runs the same mixed-precision
-    code path as a GPU (half activations, fp32 softmax in the OCR head and fp32 loss), so the
-    AMP path is tested on machines without a GPU too.
-    """
-    if cfg.optim.amp == "off":
-        return None
-    return torch.bfloat16 if cfg.optim.amp == "bf16" else torch.float16
 
 
 def build_grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
@@ -114,15 +103,6 @@ def build_training_model(
     if world_gpus > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device)
-
-
-def resolve_num_classes(cfg: ExperimentConfig) -> int:
-    """``model.num_classes`` if set, else the dataset spec's."""
-    if cfg.model.num_classes is not None:
-        return cfg.model.num_classes
-    from hrt_ray.data import resolve_spec
-
-    return int(resolve_spec(cfg).num_classes)
 
 
 def loss_kwargs(cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
@@ -205,44 +185,6 @@ def train_step(
 
 
 @torch.no_grad()
-def confusion_over(
-    model: nn.Module,
-    batches: Any,
-    num_classes: int,
-    cfg: ExperimentConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    *,
-    scales: list[float] | None = None,
-    flip: bool = False,
-) -> torch.Tensor:
-    """The confusion matrix of ``batches`` summed over all workers (every rank must call it)."""
-    was_training = model.training
-    model.eval()
-    crop, stride = eval_window(cfg)
-    matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    )
-    with autocast:
-        for batch in batches:
-            images = batch["image"].to(device)
-            masks = batch["mask"].to(device)
-            pred = predict(
-                model,
-                images,
-                num_classes,
-                mode=cfg.eval.mode,
-                scales=scales or [1.0],
-                flip=flip,
-                crop=crop,
-                stride=stride,
-            )
-            matrix += confusion_matrix(pred, masks, num_classes, cfg.loss.ignore_index)
-    model.train(was_training)
-    return all_reduce_confusion(matrix)
-
-
 def validate(
     model: nn.Module,
     batches: Any,
@@ -253,13 +195,6 @@ def validate(
 ) -> SegMetrics:
     """Single-scale metrics over all workers, as validation during training reports them."""
     return metrics_from_confusion(confusion_over(model, batches, num_classes, cfg, device, amp_dtype))
-
-
-def eval_window(cfg: ExperimentConfig) -> tuple[list[int] | None, list[int] | None]:
-    """Sliding-window crop and stride: as configured, else the training crop and 2/3 of it."""
-    crop = cfg.eval.crop_size or cfg.data.crop_size
-    stride = cfg.eval.stride or ([max(1, (2 * c) // 3) for c in crop] if crop else None)
-    return crop, stride
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,6 +414,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from hrt_ray.data import LabelledPixelGuard, iter_batches
 
     cfg = from_dict(config["cfg"], source="train_loop_config")
+    # Pictures for TensorBoard come from the caller (``hrt_ray.infer.visualize``): passed in,
+    # because training must not import the layers built on top of it.
+    val_panel = config.get("val_panel")
     fault = config.get("fault") or {}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -566,10 +504,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             stage=f"validation data (rank {rank}, iteration {iteration})",
         )
         metrics = validate(model, batches, num_classes, cfg, device, amp_dtype)
-        if tb is not None:  # rank 0: input | truth | prediction | errors of the first val samples
-            from hrt_ray.infer.visualize import add_tensorboard_panel
-
-            add_tensorboard_panel(tb.writer, model, cfg, num_classes, device, iteration)
+        if tb is not None and val_panel is not None:  # rank 0: pictures of the first val samples
+            val_panel(tb.writer, model, cfg, num_classes, device, iteration)
         return metrics.as_report("val/")
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:

@@ -135,8 +135,8 @@ def check_resume(cfg: ExperimentConfig, *, accept_changes: bool = False) -> Resu
     driver before anything is scheduled.
     """
     from hrt_ray import storage
+    from hrt_ray.train.paths import run_uri, worker_config
     from hrt_ray.train.state import complete_checkpoints
-    from hrt_ray.train.trainer import run_uri, worker_config
 
     loc = storage.resolve(run_uri(cfg), cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
     found = complete_checkpoints(loc.filesystem, loc.path)
@@ -154,7 +154,7 @@ def check_resume(cfg: ExperimentConfig, *, accept_changes: bool = False) -> Resu
     classes = newest.manifest.get("num_classes")
     model = [c for c in changes if c.key in MODEL_KEYS and (c.key != "model.num_classes" or classes is None)]
     if classes is not None:
-        from hrt_ray.train.loop import resolve_num_classes
+        from hrt_ray.data import resolve_num_classes
 
         now = resolve_num_classes(cfg)
         if int(now) != int(classes):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from hrt_ray.config import ExperimentConfig, check_batch_split, to_dict
+from hrt_ray.config import ExperimentConfig, check_batch_split
+from hrt_ray.train.paths import checkpoint_uri, ray_storage, run_uri, worker_config
 from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
 # The preflight lives in its own module; callers of ``trainer`` keep importing these names here.
@@ -25,70 +25,6 @@ from hrt_ray.train.preflight import check_resources as check_resources
 
 class TrainError(RuntimeError):
     """Training failed; the message carries Ray's error (the driver exits non-zero)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Where things go
-# --------------------------------------------------------------------------------------------
-
-
-def storage_root(cfg: ExperimentConfig) -> str:
-    """``storage.path`` as an absolute local path or a URI (Ray needs absolute paths)."""
-    from hrt_ray import storage
-
-    if storage.is_remote(cfg.storage.path):
-        return cfg.storage.path.rstrip("/")
-    return str(Path(cfg.storage.path).expanduser().resolve())
-
-
-def run_uri(cfg: ExperimentConfig) -> str:
-    """The run's directory: ``<storage.path>/<name>`` (checkpoints, TensorBoard, results)."""
-    return f"{storage_root(cfg)}/{cfg.name}"
-
-
-def ray_storage(cfg: ExperimentConfig) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
-
-    On object storage: the bucket path without scheme plus our filesystem (endpoint from
-    ``storage.endpoint`` or ``AWS_ENDPOINT_URL``) wrapped to retry transient errors with
-    ``storage.retries`` / ``storage.retry_backoff_s``. Ray writes checkpoints and its controller
-    snapshot through it; without retries, an outage of a few seconds during the snapshot write
-    ends the run as a non-retryable controller error. Locally: the absolute path, no filesystem.
-    """
-    from hrt_ray import storage
-
-    root = storage_root(cfg)
-    if not storage.is_remote(root):
-        return root, None
-    loc = storage.resolve(root, cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
-    return loc.path, loc.filesystem
-
-
-def worker_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """``to_dict(cfg)`` with local paths made absolute: workers do not share the driver's cwd."""
-    from hrt_ray import storage
-
-    data = to_dict(cfg)
-    for section, key in (
-        ("data", "train_uri"),
-        ("data", "val_uri"),
-        ("model", "pretrained"),
-        ("model", "init_checkpoint"),
-    ):
-        value = data[section][key]
-        if value and not storage.is_remote(value):
-            data[section][key] = str(Path(value).expanduser().resolve())
-    data["storage"]["path"] = storage_root(cfg)
-    return data
-
-
-def checkpoint_uri(cfg: ExperimentConfig, checkpoint: Any) -> str:
-    """A URI for a Ray ``Checkpoint`` (its ``path`` has no scheme on object storage)."""
-    root = storage_root(cfg)
-    path = str(checkpoint.path)
-    if "://" in root and "://" not in path:
-        return f"{urlsplit(root).scheme}://{path.lstrip('/')}"
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +41,7 @@ def build_trainer(
     name: str | None = None,
     extra_config: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    val_panel: Callable[..., Any] | None = None,
 ) -> Any:
     """The ``TorchTrainer`` for ``cfg`` (``loop`` defaults to the training loop).
 
@@ -157,6 +94,7 @@ def build_trainer(
             "cfg": worker_config(cfg),
             "run_uri": run_uri(cfg),
             "fault": fault or {},
+            "val_panel": val_panel,
             **(extra_config or {}),
         },
         torch_config=torch_config,
@@ -222,6 +160,7 @@ def fit(
     fault: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     accept_config_change: bool = False,
+    val_panel: Callable[..., Any] | None = None,
 ) -> TrainSummary:
     """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`.
 
@@ -245,19 +184,23 @@ def fit(
     ).acquire()
     try:
         check_resume(cfg, accept_changes=accept_config_change)
-        return _fit(cfg, fault=fault, callbacks=callbacks)
+        return _fit(cfg, fault=fault, callbacks=callbacks, val_panel=val_panel)
     finally:
         lock.release()
 
 
 def _fit(
-    cfg: ExperimentConfig, *, fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None
+    cfg: ExperimentConfig,
+    *,
+    fault: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    val_panel: Callable[..., Any] | None = None,
 ) -> TrainSummary:
     from hrt_ray.train.failures import describe, deterministic_cause
 
     with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
         datasets = prepare_data(cfg)
-        trainer = build_trainer(cfg, datasets, fault=fault, callbacks=callbacks)
+        trainer = build_trainer(cfg, datasets, fault=fault, callbacks=callbacks, val_panel=val_panel)
         hold.release()  # Train's own placement group takes the nodes over
         try:
             result = trainer.fit()

@@ -382,7 +382,7 @@ def sweep_from_saved(data: Any, source: str = "saved sweep") -> Sweep:
 
 def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
     """Absolute local paths (trials run elsewhere), then every cross-key check."""
-    from hrt_ray.train.trainer import worker_config
+    from hrt_ray.train.paths import worker_config
 
     base = from_dict(worker_config(base), source="experiment")
     sweep = Sweep(config=cfg, base=base, source=source)

@@ -50,6 +50,7 @@ def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:
     from ray import tune
 
     from hrt_ray.data import build_datasets
+    from hrt_ray.infer.visualize import add_tensorboard_panel
     from hrt_ray.train.trainer import TrainError, build_trainer
     from hrt_ray.tune.config import sweep_from_saved, trial_run_name
 
@@ -58,7 +59,10 @@ def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:
     cfg = sweep.trial_config(params, trial_run_name(trial_id, params))
     # The driver generated the synthetic data (if any) and checked resources before any trial.
     trainer = build_trainer(
-        cfg, build_datasets(cfg), callbacks=[ValidationReportCallback(sweep.config.metric)]
+        cfg,
+        build_datasets(cfg),
+        callbacks=[ValidationReportCallback(sweep.config.metric)],
+        val_panel=add_tensorboard_panel,
     )
     try:
         trainer.fit()

@@ -1,0 +1,152 @@
+"""The package's import graph follows the README's arrow: config -> data -> model -> train/eval -> report.
+
+Every ``import`` of a package module is read from the source (module level and inside functions
+alike: a deferred import is still a dependency), and the graph must have
+
+- no cycle between modules;
+- no import from a lower layer to a higher one (table below);
+- no library module importing a command-line module (only the ``hrt-ray`` dispatcher loads them).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hrt_ray"
+
+#: Layers from the ground up; a module may import its own layer (without a cycle) and below.
+#: The longest matching prefix decides a module's layer.
+LAYERS: list[tuple[str, ...]] = [
+    ("hrt_ray.__init__", "hrt_ray.config", "hrt_ray.storage", "hrt_ray.ray_local"),
+    ("hrt_ray.data",),
+    ("hrt_ray.models",),
+    # Evaluation pieces that training's validation shares: metrics, inference, precision.
+    ("hrt_ray.eval.metrics", "hrt_ray.eval.inference", "hrt_ray.eval.confusion", "hrt_ray.eval.precision"),
+    ("hrt_ray.train",),
+    # Running an evaluation builds on the training driver (a TorchTrainer of eval workers).
+    ("hrt_ray.eval",),
+    # Products and reports: batch inference, pictures, export, sweeps.
+    ("hrt_ray.infer", "hrt_ray.tune"),
+    ("hrt_ray.bench",),
+]
+
+
+def _is_cli(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last in {"cli", "config_cli", "__main__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """Package modules that ``module`` imports, wherever in the file the import stands."""
+    out: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for name in names:
+            # The deepest package module the name refers to (``from x import y``: y may be a module).
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                out.add(name)
+    return out
+
+
+def _layer(module: str) -> int:
+    if module == "hrt_ray":
+        module = "hrt_ray.__init__"
+    best, best_len = -1, -1
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = i, len(prefix)
+    return best
+
+
+GRAPH = {m: _imports(m, p, set(_modules())) for m, p in _modules().items()}
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [m for m in GRAPH if not _is_cli(m) and _layer(m) < 0]
+    assert not unplaced, f"modules outside the layer table: {unplaced}"
+
+
+def test_no_import_runs_up_the_layers() -> None:
+    upward = [
+        f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+        for m, deps in GRAPH.items()
+        if not _is_cli(m)
+        for d in deps
+        if not _is_cli(d) and _layer(d) > _layer(m)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_library_module_imports_a_command_line_module() -> None:
+    offenders = [
+        f"{m} imports {d}" for m, deps in GRAPH.items() if not _is_cli(m) for d in deps if _is_cli(d)
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    # Tarjan's strongly connected components; any component of more than one module is a cycle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("module", ["hrt_ray.train.loop", "hrt_ray.config"])
+def test_the_graph_is_read(module: str) -> None:
+    """The walk sees imports (so an empty graph cannot pass the tests above)."""
+    assert GRAPH[module] or module == "hrt_ray.config"
+    assert "hrt_ray.config" in GRAPH["hrt_ray.train.loop"]
