@@ -411,6 +411,7 @@ def train_entrypoint(workdir: Path, name: str, *overrides: str) -> str:
         f"data.train_uri={workdir / 'data' / 'train'}",
         f"data.val_uri={workdir / 'data' / 'val'}",
         "data.synth.num_train=16", "data.synth.num_val=2", "data.synth.size=[64,64]",
+        "data.synth.generate=true",
         "data.crop_size=[64,64]", "data.batch_size=2",
         "optim.max_iters=2", "optim.warmup_iters=1", "loss.ohem_min_kept=1000",
         "eval.interval=2", "eval.at_start=false", "checkpoint.every=2",
