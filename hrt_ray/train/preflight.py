@@ -256,7 +256,10 @@ def cluster_state() -> ClusterState:
 
 
 def _say(message: str) -> None:
-    print(f"preflight: {message}", file=sys.stderr, flush=True)
+    """To the process's real stderr: ``hrt-ray train`` keeps library chatter off the console by
+    redirecting ``sys.stdout``/``sys.stderr`` to the run's log, but a run waiting for nodes must
+    say so where the person (or ``ray job logs``) looks."""
+    print(f"preflight: {message}", file=sys.__stderr__ or sys.stderr, flush=True)
 
 
 @contextmanager
