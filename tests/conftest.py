@@ -52,14 +52,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    """A unit-tier test must not leave a Ray instance behind: it would belong in the slow tier."""
-    if item.get_closest_marker("slow") is None and "ray" in sys.modules:
-        ray = sys.modules["ray"]
-        if getattr(ray, "is_initialized", lambda: False)():
-            ray.shutdown()
-            pytest.fail(f"{item.nodeid} started Ray but is not marked slow", pytrace=False)
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A unit-tier test must not start Ray: it would belong in the slow tier.
+
+    Compared before and after the test, because in the full suite the session's Ray instance
+    (``ray_session``) is up once any slow test has run.
+    """
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    before = _ray_running()
+    yield
+    if not before and _ray_running():
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked slow", pytrace=False)
 
 
 def free_port() -> int:
