@@ -26,6 +26,7 @@ def tiny(tmp: Path, name: str, *overrides: str) -> ExperimentConfig:
             f"storage.path={tmp}/runs",
             f"data.train_uri={tmp}/data/train",
             f"data.val_uri={tmp}/data/val",
+            "data.synth.generate=true",
             "data.synth.num_train=16",
             "data.synth.num_val=2",
             "data.synth.size=[64,64]",
