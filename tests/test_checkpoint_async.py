@@ -35,7 +35,11 @@ def _local_checkpoint_dirs() -> set[str]:
 
 
 def _remote_states(run_uri: str) -> list[dict]:
-    dirs = sorted({f.split("/")[0] for f in storage.list_files(run_uri) if f.startswith("checkpoint_")})
+    # list_files gives paths inside the filesystem ("bucket/runs/x/checkpoint_.../f"): make them
+    # relative to the run directory.
+    prefix = run_uri.split("://", 1)[-1].rstrip("/") + "/"
+    rel = [f[len(prefix):] for f in storage.list_files(run_uri) if f.startswith(prefix)]
+    dirs = sorted({f.split("/")[0] for f in rel if f.startswith("checkpoint_")})
     states = []
     for d in dirs:
         data = storage.read_bytes(f"{run_uri}/{d}/{CHECKPOINT_FILE}")

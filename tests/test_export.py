@@ -46,7 +46,8 @@ def test_export_matches_eager(fmt: str, tmp_path: Path, capsys) -> None:
     from hrt_ray.cli import main
 
     ckpt = write_checkpoint(tmp_path)
-    argv = ["export", "--checkpoint", ckpt, "--format", fmt, "--size", "32x64", "model.num_classes=3", "data.synth.classes=3"]
+    argv = ["export", "--checkpoint", ckpt, "--format", fmt, "--size", "32x64"]
+    argv += ["model.num_classes=3", "data.synth.classes=3"]
     assert main(argv) == 0, capsys.readouterr().err
     assert "argmax agreement" in capsys.readouterr().out
     path = tmp_path / f"model-32x64.{'ts' if fmt == 'torchscript' else 'onnx'}"
