@@ -39,7 +39,7 @@ def _remote_states(run_uri: str) -> list[dict]:
     # relative to the run directory.
     prefix = run_uri.split("://", 1)[-1].rstrip("/") + "/"
     rel = [f[len(prefix):] for f in storage.list_files(run_uri) if f.startswith(prefix)]
-    dirs = sorted({f.split("/")[0] for f in rel if f.startswith("checkpoint_")})
+    dirs = sorted({f.split("/")[0] for f in rel if f.startswith("checkpoint_") and "/" in f})
     states = []
     for d in dirs:
         data = storage.read_bytes(f"{run_uri}/{d}/{CHECKPOINT_FILE}")
