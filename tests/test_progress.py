@@ -70,3 +70,49 @@ def test_a_terminal_gets_a_live_bar(tmp_path: Path) -> None:
     os.close(master)
     shown = b"".join(chunks).decode()
     assert "\r" in shown and "50/100" in shown and "loss 0.5000" in shown
+
+
+def test_restarts_preemptions_and_resizes_are_printed_with_their_budget(tmp_path: Path) -> None:
+    """The controller's failure decisions reach the quiet console as our own lines.
+
+    Driven with Ray Train's real controller states and error types, as its controller passes
+    them to ``after_controller_state_update``.
+    """
+    import time
+
+    from ray.exceptions import ActorDiedError
+    from ray.train import PreemptionError, WorkerGroupError
+    from ray.train.v2._internal.execution.controller.state import (
+        PreemptingState,
+        RestartingState,
+        RunningState,
+        SchedulingState,
+    )
+    from ray.train.v2._internal.execution.scaling_policy.scaling_policy import ResizeDecision
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    path = tmp_path / "reports.jsonl"
+    out = io.StringIO()
+    cb = ReportRelay(str(path), max_failures=2)
+    running = RunningState()
+    with Progress(str(path), 12, stream=out):
+        cb.after_controller_state_update(None, SchedulingState(ResizeDecision(2, {"CPU": 1})))
+        relay(path, {**TRAIN, "iteration": 4})
+        lost = WorkerGroupError("rank 1 died", {1: ActorDiedError()})
+        cb.after_controller_state_update(running, RestartingState(lost))
+        info = PreemptionInfo(
+            deadline_ms=int(time.time() * 1000) + 10_000, preempted_node_to_ranks={"ab" * 28: [1]}
+        )
+        cb.after_controller_state_update(running, PreemptingState(info, time.time()))
+        cb.after_controller_state_update(running, RestartingState(PreemptionError(info)))
+        cb.after_controller_state_update(None, SchedulingState(ResizeDecision(1, {"CPU": 1})))
+        cb.after_controller_state_update(running, RestartingState(lost))
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith("restart 1/2 after a worker group failure: rank 1: ActorDiedError")
+    assert lines[1].endswith("restarting the worker group from the checkpoint of iteration 4")
+    assert lines[2].startswith("preemption notice for rank(s) [1] on node(s) ['abababab'], deadline in")
+    # A preemption is charged to its own budget (no limit by default), not to max_failures.
+    assert lines[3].startswith("restart 1 (no limit) after a preemption failure")
+    assert lines[4] == "worker group resized: 2 -> 1 worker(s)"
+    assert lines[5].startswith("restart 2/2 after a worker group failure")
+    assert len(lines) == 6

@@ -76,11 +76,12 @@ def test_changed_lr_is_refused_then_accepted_and_really_applies(
 
     # A different model is refused, even with changes accepted: its weights cannot be loaded.
     for override, shown in (
-        ("model.num_classes=7", "model.num_classes: None -> 7"),
+        # A class count must agree with the synthetic set's (config check), so both change.
+        ("model.num_classes=7 data.synth.classes=7", "model.num_classes: 5 -> 7"),
         ("model.window_size=4", "model.window_size: None -> 4"),
         ("model.arch=hrt_small_ocr", "model.arch: 'hrt_tiny_ocr' -> 'hrt_small_ocr'"),
     ):
-        other = tiny_config(data_dir, runs, "lr", "optim.max_iters=6", "optim.lr=0.002", override)
+        other = tiny_config(data_dir, runs, "lr", "optim.max_iters=6", "optim.lr=0.002", *override.split())
         with pytest.raises(ResumeConfigError, match="different model") as info:
             fit(other, accept_config_change=True)
         assert shown in str(info.value) and "model.init_checkpoint=" in str(info.value)

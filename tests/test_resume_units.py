@@ -123,8 +123,12 @@ def test_cli_refuses_a_changed_config_before_ray_starts(
 
     monkeypatch.chdir(tmp_path)  # no jobs/default.yaml here: the built-in defaults
     write_checkpoint(tmp_path / "runs" / "r", "01", 3, run_config(tmp_path))
-    assert not ray.is_initialized()
+    # Any Ray start is recorded (the suite's own Ray may already be up, so is_initialized
+    # cannot tell): the refusal must come before the CLI asks for a Ray instance at all.
+    starts: list[object] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append((a, k)))
     assert main(["train", "name=r", f"storage.path={tmp_path / 'runs'}", "optim.lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr: 0.001 -> 0.5" in err and "--accept-config-change" in err
-    assert not ray.is_initialized(), "refused before Ray started"
+    assert starts == [], "refused before Ray started"

@@ -173,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
                 summary = run_interruptibly(
                     lambda: fit(
                         cfg,
-                        callbacks=[ReportRelay(relay)],
+                        callbacks=[
+                            ReportRelay(relay, cfg.failure.max_failures, cfg.failure.max_preemption_failures)
+                        ],
                         accept_config_change=args.accept_config_change,
                         val_panel=add_tensorboard_panel,
                     )

@@ -6,6 +6,11 @@ rank 0's metrics of each report to a JSON-lines file there; :class:`Progress`, a
 driver, tails that file and prints. The driver's console thus shows our lines, not Ray's
 ``TrainingReport(...)`` dumps (those stay in the run's logs), and works the same under
 ``ray job submit``, where the controller's stdout would only reach the job log.
+
+The relay also writes the controller's restarts (a lost worker or node, a preemption, an
+elastic resize) as event lines, with the failure budget each one is charged to: Ray logs these
+decisions on the controller actor only, so a quiet console would otherwise show a run that
+stalls and later jumps back to an older iteration without saying why.
 """
 
 from __future__ import annotations
@@ -19,16 +24,74 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ray.train import UserCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 #: Seconds between looks at the relay file.
 POLL_S = 0.5
 
 
-class ReportRelay(UserCallback):
-    """Controller side: one JSON line per report (rank 0's finite numeric metrics)."""
+def failure_source(error: BaseException) -> str:
+    """The failure budget Ray Train charges ``error`` to, as its ``DefaultFailurePolicy`` decides:
+    a preemption (a ``PreemptionError``, or a worker group whose dead actor was preempted), a
+    worker group failure, or a controller error (a worker group that could not start)."""
+    from ray.train import ControllerError, PreemptionError, WorkerGroupError
 
-    def __init__(self, path: str) -> None:
+    if isinstance(error, PreemptionError):
+        return "preemption"
+    if isinstance(error, WorkerGroupError):
+        failures = getattr(error, "worker_failures", {}) or {}
+        if any(getattr(e, "preempted", False) for e in failures.values()):
+            return "preemption"
+        return "worker group"
+    if isinstance(error, ControllerError):
+        return "controller"
+    return type(error).__name__
+
+
+class ReportRelay(UserCallback, ControllerCallback):
+    """Controller side: one JSON line per report (rank 0's finite numeric metrics), and one
+    ``{"event": ...}`` line per restart, preemption notice or resize of the worker group.
+
+    ``max_failures`` and ``max_preemption_failures`` are the run's ``FailureConfig`` limits
+    (-1: no limit), shown beside each restart's count.
+    """
+
+    def __init__(self, path: str, max_failures: int = 0, max_preemption_failures: int = -1) -> None:
         self.path = path
+        self.limits = {"worker group": max_failures, "preemption": max_preemption_failures}
+        self.counts: dict[str, int] = {}
+        self.workers: int | None = None
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        from hrt_ray.train.failures import describe
+
+        kind = type(current_state).__name__
+        if kind in ("RestartingState", "ReschedulingState"):
+            error = current_state.training_failed_error
+            source = failure_source(error)
+            self.counts[source] = self.counts.get(source, 0) + 1
+            row: dict[str, Any] = {"event": "restart", "source": source, "count": self.counts[source]}
+            if source in self.limits:
+                row["limit"] = self.limits[source]
+            row["detail"] = describe(error)
+            self._write(row)
+        elif kind == "PreemptingState":
+            info = current_state.preemption_info
+            ranks = sorted(r for rs in info.preempted_node_to_ranks.values() for r in rs)
+            row = {"event": "preempting", "ranks": ranks, "nodes": [n[:8] for n in info.preempted_node_ids]}
+            if info.deadline_ms is not None:
+                row["deadline_in_s"] = round(info.deadline_ms / 1000 - time.time(), 1)
+            self._write(row)
+        elif kind in ("SchedulingState", "ResizingState"):
+            # The worker count of each (re)start; an elastic run that comes back smaller says so.
+            workers = getattr(current_state.scaling_decision, "num_workers", None)
+            if workers is not None and self.workers is not None and workers != self.workers:
+                self._write({"event": "resize", "from": self.workers, "workers": workers})
+            self.workers = workers if workers is not None else self.workers
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         row = {
@@ -37,8 +100,7 @@ class ReportRelay(UserCallback):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         }
         row["checkpoint"] = checkpoint is not None
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._write(row)
 
 
 def _clock(seconds: float) -> str:
@@ -106,7 +168,39 @@ class Progress:
             if line.strip():
                 self.show(json.loads(line))
 
+    def event_line(self, row: dict[str, Any]) -> str:
+        """``restart 1/2 after a worker group failure: rank 1: ActorDiedError: ...; restarting ...``."""
+        kind = row["event"]
+        if kind == "restart":
+            limit = row.get("limit")
+            budget = f"{row['count']} (no limit)" if limit is None or limit < 0 else f"{row['count']}/{limit}"
+            where = (
+                f"from the checkpoint of iteration {self.last_checkpoint_iteration}"
+                if self.last_checkpoint_iteration is not None
+                else "from the start (no checkpoint yet)"
+            )
+            return (
+                f"restart {budget} after a {row['source']} failure: {row.get('detail', '')}; "
+                f"restarting the worker group {where}"
+            )
+        if kind == "preempting":
+            deadline = f", deadline in {row['deadline_in_s']:.0f} s" if "deadline_in_s" in row else ""
+            return (
+                f"preemption notice for rank(s) {row.get('ranks')} on node(s) {row.get('nodes')}{deadline}: "
+                "checkpointing at the next iteration"
+            )
+        if kind == "resize":
+            return f"worker group resized: {row.get('from')} -> {row.get('workers')} worker(s)"
+        return f"{kind}: {row}"
+
     def show(self, row: dict[str, Any]) -> None:
+        if "event" in row:
+            line = self.event_line(row)
+            if self._bar is not None:
+                self._bar.write(line, file=self.stream)
+            else:
+                print(line, file=self.stream, flush=True)
+            return
         iteration = int(row.get("iteration", 0))
         self.iteration = iteration
         if row.get("checkpoint"):
