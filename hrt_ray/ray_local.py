@@ -32,6 +32,8 @@ def ensure_ray(num_cpus: int | None = None, *, verbose: bool = True) -> None:
     if ray.is_initialized():
         return
     where = os.environ.get("RAY_ADDRESS") or "a new local instance"
+    if os.environ.get("RAY_ADDRESS"):
+        _check_reachable(os.environ["RAY_ADDRESS"])
     try:
         _init(ray, num_cpus, verbose)
     except Exception as exc:  # ray.init raises bare Exception on a start-up timeout
@@ -74,6 +76,32 @@ def _init(ray, num_cpus: int | None, verbose: bool) -> None:
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         **quiet,
     )
+
+
+#: Seconds to wait for a TCP connection to the head's GCS before giving up on ``RAY_ADDRESS``.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at ``RAY_ADDRESS`` (``host:port``).
+
+    ``ray.init`` retries an unreachable GCS for minutes, printing C++ warnings, before it
+    raises; a typo in the address or a head that is down should be named at once. ``auto``,
+    ``local`` and ``ray://`` (Ray Client) addresses are left to Ray.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RayStartError(
+            f"could not join Ray at RAY_ADDRESS={address}: nothing answers there ({reason}). Check "
+            f"that the head node is up and the address is its GCS port (6379 by default), or unset "
+            f"RAY_ADDRESS for a local instance"
+        ) from exc
 
 
 def logs_dir() -> str | None:

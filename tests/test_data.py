@@ -234,6 +234,23 @@ def test_check_reports_histogram_unseen_classes_range_errors_and_off_by_one(tmp_
                       f"{W}x{H} (WxH)"]
 
 
+def test_check_names_an_empty_or_truncated_shard_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``data check`` on a cut-off upload: exit 2 and the shard's path, not a raw ArrowInvalid."""
+    spec = synthetic_spec(5)
+    uri = _write(tmp_path, [np.zeros((H, W), np.uint8)] * 2, spec, name="cut")
+    shard = Path(uri) / "part-00000.parquet"
+    for broken in (shard.read_bytes()[:100], b""):
+        shard.write_bytes(broken)
+        with pytest.raises(DataError, match=rf"{shard}: unreadable Parquet shard"):
+            check(uri)
+        assert main(["data", "check", uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{shard}: unreadable Parquet shard" in err[0], err
+        assert "Traceback" not in err[0]
+
+
 def test_check_and_prepare_name_a_missing_uri(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{tmp_path}/nowhere: no readable shard set"):
         check(str(tmp_path / "nowhere"))

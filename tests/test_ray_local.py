@@ -1,16 +1,15 @@
-"""``ensure_ray`` keeps a local instance on loopback even when Ray was imported first."""
+"""``ensure_ray`` keeps a local instance on loopback even when Ray was imported first, and names
+an unreachable ``RAY_ADDRESS`` at once instead of retrying it for minutes."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 
 import pytest
-
-# Starts a Ray instance (in a subprocess).
-pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import ray  # imported before ensure_ray, as the CLIs do: Ray has read its constants already
@@ -21,6 +20,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow  # starts a Ray instance (in a subprocess)
 def test_local_instance_advertises_loopback_only():
     drop = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -32,3 +32,20 @@ def test_local_instance_advertises_loopback_only():
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NODES ['127.0.0.1']" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_unreachable_ray_address_is_one_line_and_exit_2(tmp_path) -> None:
+    """A head that is down (or a mistyped port): ``ray.init`` alone retries for minutes."""
+    with socket.socket() as s:  # a loopback port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    hrt_ray = os.path.join(os.path.dirname(sys.executable), "hrt-ray")
+    proc = subprocess.run(
+        [hrt_ray, "train", "optim.max_iters=2", "optim.warmup_iters=1", f"storage.path={tmp_path}/runs"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"RAY_ADDRESS=127.0.0.1:{port}: nothing answers there" in lines[0], lines
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoint_*"))

@@ -198,9 +198,16 @@ def iter_records(
         except OSError as exc:
             raise DataError(f"{loc.uri}: listed in the manifest but cannot be opened: {exc}") from exc
         with f:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as exc:  # empty or truncated: ArrowInvalid
+                raise DataError(f"{loc.uri}: unreadable Parquet shard ({exc})") from exc
             for rg in range(pf.num_row_groups):
-                for row in pf.read_row_group(rg).to_pylist():
+                try:
+                    rows = pf.read_row_group(rg).to_pylist()
+                except (pa.ArrowException, OSError) as exc:
+                    raise DataError(f"{loc.uri}: row group {rg} is unreadable ({exc})") from exc
+                for row in rows:
                     yield shard["file"], row
                     seen += 1
                     if limit is not None and seen >= limit:
