@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hrt_ray.train.progress import Progress, ReportRelay
+from hrt_ray.train.progress import Progress, ReportRelay, RestartRelay, relay_callbacks
 
 
 def relay(path: Path, *rows: dict, checkpoint: bool = True) -> None:
@@ -93,7 +93,7 @@ def test_restarts_preemptions_and_resizes_are_printed_with_their_budget(tmp_path
 
     path = tmp_path / "reports.jsonl"
     out = io.StringIO()
-    cb = ReportRelay(str(path), max_failures=2)
+    cb = RestartRelay(str(path), max_failures=2)
     running = RunningState()
     with Progress(str(path), 12, stream=out):
         cb.after_controller_state_update(None, SchedulingState(ResizeDecision(2, {"CPU": 1})))
@@ -116,3 +116,21 @@ def test_restarts_preemptions_and_resizes_are_printed_with_their_budget(tmp_path
     assert lines[4] == "worker group resized: 2 -> 1 worker(s)"
     assert lines[5].startswith("restart 2/2 after a worker group failure")
     assert len(lines) == 6
+
+
+def test_the_trainer_hands_each_relay_the_hooks_it_implements(tmp_path: Path) -> None:
+    """Ray Train gives a ``UserCallback`` only the user hooks: the restart relay must reach the
+    controller's own callback list, and the report relay the user-callback handler."""
+    from ray.train.v2._internal.callbacks.user_callback import UserCallbackHandler
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    from hrt_ray.config import load_config
+    from hrt_ray.train.trainer import build_trainer
+
+    cfg = load_config(None, [f"storage.path={tmp_path}"])
+    callbacks = relay_callbacks(str(tmp_path / "reports.jsonl"), 2, -1)
+    made = build_trainer(cfg, {}, callbacks=callbacks)._create_default_callbacks()
+    controller = [c for c in made if isinstance(c, ControllerCallback)]
+    assert any(isinstance(c, RestartRelay) for c in controller), made
+    handler = next(c for c in made if isinstance(c, UserCallbackHandler))
+    assert any(isinstance(c, ReportRelay) for c in handler._user_callbacks)

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from hrt_ray.infer.visualize import add_tensorboard_panel
     from hrt_ray.ray_local import ensure_ray, logs_dir
     from hrt_ray.train.paths import run_uri
-    from hrt_ray.train.progress import Progress, ReportRelay
+    from hrt_ray.train.progress import Progress, relay_callbacks
     from hrt_ray.train.trainer import TrainError, fit
 
     verbose = bool(getattr(args, "verbose", False))
@@ -173,9 +173,9 @@ def run(args: argparse.Namespace) -> int:
                 summary = run_interruptibly(
                     lambda: fit(
                         cfg,
-                        callbacks=[
-                            ReportRelay(relay, cfg.failure.max_failures, cfg.failure.max_preemption_failures)
-                        ],
+                        callbacks=relay_callbacks(
+                            relay, cfg.failure.max_failures, cfg.failure.max_preemption_failures
+                        ),
                         accept_config_change=args.accept_config_change,
                         val_panel=add_tensorboard_panel,
                     )

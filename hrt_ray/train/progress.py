@@ -48,23 +48,44 @@ def failure_source(error: BaseException) -> str:
     return type(error).__name__
 
 
-class ReportRelay(UserCallback, ControllerCallback):
-    """Controller side: one JSON line per report (rank 0's finite numeric metrics), and one
-    ``{"event": ...}`` line per restart, preemption notice or resize of the worker group.
+class _Relay:
+    """Appends one JSON line per event to the relay file the driver's :class:`Progress` tails."""
 
-    ``max_failures`` and ``max_preemption_failures`` are the run's ``FailureConfig`` limits
-    (-1: no limit), shown beside each restart's count.
-    """
-
-    def __init__(self, path: str, max_failures: int = 0, max_preemption_failures: int = -1) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.limits = {"worker group": max_failures, "preemption": max_preemption_failures}
-        self.counts: dict[str, int] = {}
-        self.workers: int | None = None
 
     def _write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class ReportRelay(_Relay, UserCallback):
+    """Controller side: one JSON line per report (rank 0's finite numeric metrics)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        row = {
+            k: v
+            for k, v in (metrics[0] if metrics else {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        row["checkpoint"] = checkpoint is not None
+        self._write(row)
+
+
+class RestartRelay(_Relay, ControllerCallback):
+    """Controller side: one ``{"event": ...}`` line per restart, preemption notice or resize.
+
+    A separate class from :class:`ReportRelay`: Ray Train hands a ``UserCallback`` only the
+    user hooks, never the controller's state updates. ``max_failures`` and
+    ``max_preemption_failures`` are the run's ``FailureConfig`` limits (-1: no limit), shown
+    beside each restart's count.
+    """
+
+    def __init__(self, path: str, max_failures: int = 0, max_preemption_failures: int = -1) -> None:
+        super().__init__(path)
+        self.limits = {"worker group": max_failures, "preemption": max_preemption_failures}
+        self.counts: dict[str, int] = {}
+        self.workers: int | None = None
 
     def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
         from hrt_ray.train.failures import describe
@@ -93,14 +114,10 @@ class ReportRelay(UserCallback, ControllerCallback):
                 self._write({"event": "resize", "from": self.workers, "workers": workers})
             self.workers = workers if workers is not None else self.workers
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        row = {
-            k: v
-            for k, v in (metrics[0] if metrics else {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }
-        row["checkpoint"] = checkpoint is not None
-        self._write(row)
+
+def relay_callbacks(path: str, max_failures: int = 0, max_preemption_failures: int = -1) -> list[Any]:
+    """The ``RunConfig`` callbacks that feed :class:`Progress` through the file at ``path``."""
+    return [ReportRelay(path), RestartRelay(path, max_failures, max_preemption_failures)]
 
 
 def _clock(seconds: float) -> str:
