@@ -68,9 +68,8 @@ def tiny(tmp: Path, name: str) -> list[str]:
 
 @pytest.mark.slow
 def test_train_output_is_one_clean_line_per_report(tmp_path: Path) -> None:
-    proc = hrt_ray(
-        ["train", "--no-eval", *tiny(tmp_path, "out"), "eval.at_start=false", "target.miou_ss=50"], cwd=tmp_path
-    )
+    args = ["train", "--no-eval", *tiny(tmp_path, "out"), "eval.at_start=false", "target.miou_ss=50"]
+    proc = hrt_ray(args, cwd=tmp_path)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, out + err
     assert not ESCAPE.search(out + err), "escape codes / carriage returns in non-TTY output"
