@@ -8,6 +8,9 @@ Why this shape:
   wrong type or an impossible value raises :class:`ConfigError` naming the key path (and the
   file), with the closest valid key for a typo.
 - ``hrt-ray config show`` prints :func:`to_dict` of exactly the object the run uses.
+- Every config dataclass is frozen: once loaded and validated, a config is not changed in
+  place (a changed copy is made with :func:`dataclasses.replace`, section then parent), so
+  what was validated is what runs, and no caller sees another's edits.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Which network to build (see ``hrt_ray.models.build_model``)."""
 
@@ -64,7 +67,7 @@ class ModelConfig:
             raise ConfigError(f"{path}.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SynthConfig:
     """The generated dataset of the embedded default (written when ``data.*_uri`` is missing)."""
 
@@ -86,7 +89,7 @@ class SynthConfig:
             raise ConfigError(f"{path}.classes: must be >= 2, got {self.classes}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how crops are made (see ``hrt_ray.data``)."""
 
@@ -132,7 +135,7 @@ class DataConfig:
             raise ConfigError(f"{path}.shuffle_buffer: must be >= 0 (0 = 4 x the per-worker batch)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup then poly decay, by iteration, as the official HRT scripts.
 
@@ -181,7 +184,7 @@ class OptimConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """OHEM cross-entropy on the main head + weighted cross-entropy on the auxiliary head."""
 
@@ -213,7 +216,7 @@ class LossConfig:
             raise ConfigError(f"{path}.class_weights: must be >= 0, got {self.class_weights}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Validation during training and ``hrt-ray eval``.
 
@@ -247,7 +250,7 @@ class EvalConfig:
             _check_hw(self.stride, f"{path}.stride")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScalingConfig:
     """How many Ray Train workers and what each one gets."""
 
@@ -294,7 +297,7 @@ class ScalingConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class StorageConfig:
     """Where the run's checkpoints, metrics and logs go: a local path, s3:// or gs://."""
 
@@ -320,7 +323,7 @@ class StorageConfig:
             raise ConfigError(f"{path}.lock_stale_s: must be > 0, got {self.lock_stale_s}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     #: Report metrics and a checkpoint every this many iterations.
     every: int = 25
@@ -339,7 +342,7 @@ class CheckpointConfig:
             raise ConfigError(f"{path}.keep: must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FailureConfig:
     #: Worker-group restarts from the latest checkpoint before the run fails.
     max_failures: int = 3
@@ -362,7 +365,7 @@ class FailureConfig:
             raise ConfigError(f"{path}.stall_timeout_s: must be >= 1 (seconds), got {self.stall_timeout_s}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TargetConfig:
     """The published result a paper config should reproduce (shown beside what we get)."""
 
@@ -378,8 +381,56 @@ class TargetConfig:
             if value is not None and not 0 <= value <= 100:
                 raise ConfigError(f"{path}.{key}: a percentage in [0, 100], got {value}")
 
+    def compare(self, achieved_miou: float | None, scales: Literal["ss", "ms"]) -> TargetComparison | None:
+        """``achieved_miou`` (a fraction, as every metric of the package) against the published one.
 
-@dataclass
+        ``scales`` says how it was measured: single-scale results are held against ``miou_ss``,
+        multi-scale ones against ``miou_ms``. ``None`` when the row publishes no figure for that
+        setting or nothing was measured: there is nothing to compare.
+        """
+        published = self.miou_ss if scales == "ss" else self.miou_ms
+        if published is None or achieved_miou is None or achieved_miou != achieved_miou:
+            return None
+        return TargetComparison(published, 100.0 * achieved_miou, scales, self.source)
+
+
+@dataclass(frozen=True)
+class TargetComparison:
+    """A published mIoU beside the one a run achieved, both in percent as the papers print them."""
+
+    published: float
+    achieved: float
+    scales: Literal["ss", "ms"]
+    source: str | None = None
+
+    @property
+    def difference(self) -> float:
+        """Achieved minus published, in percentage points (negative: short of the paper)."""
+        return self.achieved - self.published
+
+    def line(self) -> str:
+        """E.g. ``target mIoU   80.00 ss (paper Table 3) -> achieved 78.12 (-1.88)``.
+
+        The difference is taken between the two printed (2-decimal) figures, so the line adds up.
+        """
+        published, achieved = round(self.published, 2), round(self.achieved, 2)
+        where = f" ({self.source})" if self.source else ""
+        return (
+            f"target mIoU   {published:.2f} {self.scales}{where} -> achieved {achieved:.2f} "
+            f"({achieved - published:+.2f})"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scales": self.scales,
+            "published_miou": self.published,
+            "achieved_miou": self.achieved,
+            "difference": self.difference,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     #: The run name; re-running the same name in the same storage resumes it.
     name: str = "default"
@@ -396,40 +447,52 @@ class ExperimentConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
 
     def validate(self, path: str) -> None:
+        prefix = key_prefix(path)
         if not self.name or any(c in self.name for c in "/\\ "):
-            raise ConfigError(f"{path}name: must be a non-empty name without '/', '\\' or spaces")
+            raise ConfigError(f"{prefix}name: must be a non-empty name without '/', '\\' or spaces")
         self._check_classes(path)
 
     def _check_classes(self, path: str) -> None:
         """Class-count checks that need no dataset spec file (the synthetic set's is in the config)."""
+        prefix = key_prefix(path)
         classes: int | None = None
         source = ""
         if self.data.dataset == "synthetic":
-            classes, source = self.data.synth.classes, f"{path}data.synth.classes"
+            classes, source = self.data.synth.classes, f"{prefix}data.synth.classes"
             if self.model.num_classes is not None and self.model.num_classes != classes:
                 raise ConfigError(
-                    f"{path}model.num_classes: {self.model.num_classes} disagrees with the synthetic "
+                    f"{prefix}model.num_classes: {self.model.num_classes} disagrees with the synthetic "
                     f"dataset's {source}={classes}; set one to the other (or leave model.num_classes "
                     f"null to take the dataset's)"
                 )
         elif self.model.num_classes is not None:
-            classes, source = self.model.num_classes, f"{path}model.num_classes"
+            classes, source = self.model.num_classes, f"{prefix}model.num_classes"
         if classes is None:
             return
         check_class_settings(self, classes, source, path)
 
 
+def key_prefix(path: str) -> str:
+    """``"experiment"`` -> ``"experiment."``, ``""`` -> ``""``: a section path as a key prefix.
+
+    Every ``validate(path)`` takes the section's path without a trailing dot (as ``_validate``
+    passes it); keys are joined through here so no message runs two names together.
+    """
+    return f"{path}." if path else ""
+
+
 def check_class_settings(cfg: ExperimentConfig, classes: int, source: str, path: str = "") -> None:
     """``loss.ignore_index`` and ``loss.class_weights`` against the run's number of classes."""
+    prefix = key_prefix(path)
     if cfg.loss.ignore_index < classes:
         raise ConfigError(
-            f"{path}loss.ignore_index: {cfg.loss.ignore_index} is a class id ({source}={classes} "
+            f"{prefix}loss.ignore_index: {cfg.loss.ignore_index} is a class id ({source}={classes} "
             f"classes are 0..{classes - 1}); use the dataset's ignore label (255)"
         )
     weights = cfg.loss.class_weights
     if weights is not None and len(weights) != classes:
         raise ConfigError(
-            f"{path}loss.class_weights: {len(weights)} weights for {classes} classes ({source}); "
+            f"{prefix}loss.class_weights: {len(weights)} weights for {classes} classes ({source}); "
             f"give one weight per class"
         )
 
@@ -559,18 +622,20 @@ def build_checked(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
 
 
 def _merge_into(current: Any, data: Mapping[str, Any], path: str) -> Any:
+    """A copy of ``current`` with ``data`` merged in (config objects are frozen: never changed)."""
     hints = typing.get_type_hints(type(current))
     names = [f.name for f in dataclasses.fields(current)]
+    changes: dict[str, Any] = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in names:
             raise ConfigError(f"{key_path}: unknown key{suggest(str(key), names)}")
         existing = getattr(current, key)
         if dataclasses.is_dataclass(existing) and isinstance(value, Mapping):
-            _merge_into(existing, value, key_path)
+            changes[key] = _merge_into(existing, value, key_path)
         else:
-            setattr(current, key, _coerce(value, hints[key], key_path))
-    return current
+            changes[key] = _coerce(value, hints[key], key_path)
+    return dataclasses.replace(current, **changes) if changes else current
 
 
 def _validate(obj: Any, path: str) -> None:

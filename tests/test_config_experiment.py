@@ -137,3 +137,99 @@ def test_one_set_of_defaults_the_section_dataclasses_are_the_embedded_default() 
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             assert value == type(value)(), f"ExperimentConfig.{f.name} overrides its section's defaults"
+
+
+PAPER_JOBS = [p for p in JOBS if p.stem != "default"]
+
+
+@pytest.mark.parametrize("path", PAPER_JOBS, ids=[p.stem for p in PAPER_JOBS])
+def test_every_job_row_states_its_published_figures(path: Path) -> None:
+    """The ``target:`` figures are read from the file as numbers, as percentages, and as written."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())["target"]
+    target = load_config(path).target
+    assert target.source == raw["source"]
+    if raw["miou_ss"] is None:  # the one row the README publishes without results
+        assert path.stem.startswith("ade20k-hrt_b_w15") and raw["miou_ms"] is None
+        assert target.miou_ss is None and target.miou_ms is None
+        assert target.compare(0.5, "ss") is None and target.compare(0.5, "ms") is None
+        return
+    for key in ("miou_ss", "miou_ms"):
+        value = getattr(target, key)
+        assert isinstance(value, float) and 0.0 <= value <= 100.0, (key, value)
+        assert value == pytest.approx(float(raw[key]))
+    assert target.miou_ss <= target.miou_ms
+    assert target.compare(0.5, "ss").published == target.miou_ss
+    assert target.compare(0.5, "ms").published == target.miou_ms
+
+
+def test_target_comparison_line_and_json() -> None:
+    from hrt_ray.config import TargetConfig
+
+    target = TargetConfig(miou_ss=80.0, miou_ms=81.5, source="paper Table 3")
+    ss = target.compare(0.7812, "ss")
+    assert ss.line() == "target mIoU   80.00 ss (paper Table 3) -> achieved 78.12 (-1.88)"
+    assert ss.as_json() == {
+        "scales": "ss",
+        "published_miou": 80.0,
+        "achieved_miou": pytest.approx(78.12),
+        "difference": pytest.approx(-1.88),
+        "source": "paper Table 3",
+    }
+    assert target.compare(0.8251, "ms").line() == (
+        "target mIoU   81.50 ms (paper Table 3) -> achieved 82.51 (+1.01)"
+    )
+    # Nothing measured, or nothing published for that setting: nothing to compare.
+    assert target.compare(None, "ss") is None and target.compare(float("nan"), "ss") is None
+    assert TargetConfig(miou_ss=80.0).compare(0.8, "ms") is None
+    assert TargetConfig().compare(0.8, "ss") is None
+    assert TargetConfig(miou_ms=50.0).compare(0.5, "ms").line() == (
+        "target mIoU   50.00 ms -> achieved 50.00 (+0.00)"
+    )
+
+
+def test_loaded_configs_are_frozen() -> None:
+    """A validated config is never changed in place: changed copies come from ``replace``."""
+    import dataclasses
+
+    cfg = load_config(REPO / "jobs" / "cityscapes-hrt_s_w7-80k-b8-512x1024.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.storage.path = "/elsewhere"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.target.miou_ss = 99.0  # type: ignore[misc]
+    again = from_dict(to_dict(cfg))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        again.optim.lr = 1.0  # type: ignore[misc]
+    moved = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, path="/elsewhere"))
+    assert moved.storage.path == "/elsewhere" and cfg.storage.path == "runs"
+    assert moved.optim is cfg.optim  # untouched sections are shared, which is safe only because frozen
+
+
+def test_sweep_configs_are_frozen_and_resolved_by_copy() -> None:
+    import dataclasses
+
+    from hrt_ray.tune.config import load_sweep
+
+    sweep = load_sweep(REPO / "jobs" / "ablations" / "synthetic-tiny-window-lr.yaml")
+    assert Path(sweep.config.base).is_absolute() and sweep.config.storage == sweep.storage
+    for obj, key in ((sweep, "base"), (sweep.config, "storage"), (sweep.config.search, "backbone")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, key, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sweep.base.optim.max_iters = 1  # type: ignore[misc]
+
+
+def test_nested_experiment_key_paths_are_joined_with_a_dot() -> None:
+    """A class-count error below a section path reads ``experiment.data.synth.classes``."""
+    from hrt_ray.config import ExperimentConfig, ModelConfig
+
+    cfg = ExperimentConfig(model=ModelConfig(num_classes=3))
+    with pytest.raises(ConfigError) as err:
+        cfg.validate("experiment")
+    assert "experiment.model.num_classes: 3 disagrees" in str(err.value)
+    assert "experiment.data.synth.classes=5" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^model\.num_classes: 3 disagrees .* data\.synth\.classes=5"):
+        cfg.validate("")

@@ -120,3 +120,59 @@ def test_multiscale_flip_probabilities() -> None:
     assert torch.allclose(slide_ms, single, atol=1e-5)
     with pytest.raises(ValueError, match="slide inference needs crop and stride"):
         predict_probs(model, image, 4, mode="slide")
+
+
+def _one_class_missed(classes: int = 19) -> torch.Tensor:
+    """100 pixels per class, all right except the last class's, all predicted as the one before.
+
+    IoU: 1 for the first ``classes - 2``; 100 / (100 + 200 - 100) = 0.5 for the one before the
+    last (100 hits, 200 predictions); 0 for the last. With 19 classes mIoU = 17.5 / 19.
+    """
+    matrix = torch.diag(torch.full((classes,), 100, dtype=torch.int64))
+    matrix[classes - 1, classes - 1] = 0
+    matrix[classes - 1, classes - 2] = 100
+    return matrix
+
+
+def test_eval_summary_holds_the_result_against_the_job_rows_target() -> None:
+    """The result of a real job config: multi-scale against miou_ms, single-scale against miou_ss."""
+    from pathlib import Path
+
+    from hrt_ray.config import load_config
+    from hrt_ray.eval.run import eval_result
+
+    job = Path(__file__).resolve().parent.parent / "jobs" / "cityscapes-hrt_s_w7-80k-b8-512x1024.yaml"
+    ckpt = "/runs/x/ckpt/checkpoint.pt"
+    ms_cfg = load_config(job, training=False)  # the row's test: scales 0.75/1/1.25 with flip
+    source = ms_cfg.target.source
+    ms = eval_result(ms_cfg, ckpt, _one_class_missed())
+    assert ms.miou == pytest.approx(17.5 / 19) and ms.classes[0] == "road"
+    assert ms.setting == "whole-ms0.75_1_1.25-flip" and ms.scales == "ms"
+    assert ms.summary_lines() == [
+        "setting whole-ms0.75_1_1.25-flip; written /runs/x/ckpt/eval-whole-ms0.75_1_1.25-flip.json "
+        "and /runs/x/ckpt/eval-whole-ms0.75_1_1.25-flip.csv",
+        f"target mIoU   81.00 ms ({source}) -> achieved 92.11 (+11.11)",
+    ]
+    saved = ms.as_json()["target"]
+    assert saved["scales"] == "ms" and saved["published_miou"] == 81.0
+    assert saved["achieved_miou"] == pytest.approx(100 * 17.5 / 19)
+    assert saved["difference"] == pytest.approx(100 * 17.5 / 19 - 81.0)
+
+    ss = eval_result(
+        load_config(job, ["eval.scales=[1.0]", "eval.flip=false"], training=False), ckpt, _one_class_missed()
+    )
+    assert ss.setting == "whole-ss1" and ss.scales == "ss"
+    assert ss.summary_lines()[1] == f"target mIoU   80.00 ss ({source}) -> achieved 92.11 (+12.11)"
+    assert ss.as_json()["target"]["published_miou"] == 80.0
+
+
+def test_eval_summary_without_a_target_prints_nothing_extra() -> None:
+    from pathlib import Path
+
+    from hrt_ray.config import load_config
+    from hrt_ray.eval.run import eval_result
+
+    job = Path(__file__).resolve().parent.parent / "jobs" / "ade20k-hrt_b_w15-150k-b8-520x520.yaml"
+    result = eval_result(load_config(job, training=False), "/runs/x/checkpoint.pt", _one_class_missed(150))
+    assert len(result.summary_lines()) == 1 and result.summary_lines()[0].startswith("setting whole-ms")
+    assert result.target is None and result.as_json()["target"] is None

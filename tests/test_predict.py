@@ -19,7 +19,7 @@ from hrt_ray import storage
 from hrt_ray.data.codec import decode_image, encode_png
 from hrt_ray.data.specs import get_spec, spec_from_dict
 from hrt_ray.data.synth import draw_scene
-from hrt_ray.infer.labels import colourize, overlay, to_label_image, train_to_original_lut
+from hrt_ray.infer.labels import colorize, overlay, to_label_image, train_to_original_lut
 from hrt_ray.infer.predict import LABELS_DIR, OVERLAYS_DIR, REPORT_FILE, PredictError, overlay_name, plan
 
 # Three classes whose original ids are 10/20/30 (like Cityscapes labelIds -> trainIds).
@@ -142,7 +142,7 @@ def test_predict_cli_from_s3_bucket(ray_session, s3_bucket: str, tmp_path: Path,
         assert over.shape == (h, w, 3)
         # The overlay is the image blended with the palette colour of each predicted class.
         np.testing.assert_array_equal(over, overlay(originals[name], train_ids, spec))
-        assert {tuple(c) for c in colourize(train_ids, spec).reshape(-1, 3)} <= palette
+        assert {tuple(c) for c in colorize(train_ids, spec).reshape(-1, 3)} <= palette
     assert not (dst / LABELS_DIR / "broken.png").exists()
     report = json.loads((dst / REPORT_FILE).read_text())
     assert report["written"] == 3 and report["total"] == 4 and list(report["failed"]) == ["broken.jpg"]

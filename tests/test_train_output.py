@@ -68,7 +68,8 @@ def tiny(tmp: Path, name: str) -> list[str]:
 
 @pytest.mark.slow
 def test_train_output_is_one_clean_line_per_report(tmp_path: Path) -> None:
-    proc = hrt_ray(["train", "--no-eval", *tiny(tmp_path, "out"), "eval.at_start=false"], cwd=tmp_path)
+    args = ["train", "--no-eval", *tiny(tmp_path, "out"), "eval.at_start=false", "target.miou_ss=50"]
+    proc = hrt_ray(args, cwd=tmp_path)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, out + err
     assert not ESCAPE.search(out + err), "escape codes / carriage returns in non-TTY output"
@@ -89,6 +90,12 @@ def test_train_output_is_one_clean_line_per_report(tmp_path: Path) -> None:
     assert "1e+30" not in text and "1e30" not in text and "Infinity" not in text
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iteration"] == 4 and [h[0] for h in summary["history"]] == [4.0]
+    # The config's published figure beside the final (single-scale) validation mIoU.
+    (compared,) = summary["target"]["compared"]
+    assert compared["scales"] == "ss" and compared["published_miou"] == 50.0
+    assert compared["achieved_miou"] == pytest.approx(100 * summary["final_miou"])
+    achieved = f"{100 * summary['final_miou']:.2f}"
+    assert f"target mIoU   50.00 ss -> achieved {achieved} ({float(achieved) - 50:+.2f})" in out
 
 
 @pytest.mark.parametrize(

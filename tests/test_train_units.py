@@ -163,3 +163,71 @@ def test_watchdog_names_the_stage_of_a_stall() -> None:
 
     with pytest.raises(ValueError, match="bad record"):
         list(iter_with_timeout(broken(), 1.0, "x"))
+
+
+def _summary(**kw):
+    from hrt_ray.train.trainer import TrainSummary
+
+    fields = dict(
+        name="run",
+        run_dir="/runs/run",
+        iteration=80000,
+        final_miou=0.7812,
+        start_miou=None,
+        best_miou=0.7812,
+        checkpoint="/runs/run/checkpoint_1",
+        best_checkpoint="/runs/run/checkpoint_1",
+        tensorboard="/runs/run/tensorboard",
+    )
+    return TrainSummary(**{**fields, **kw})
+
+
+def test_train_summary_holds_the_result_against_the_job_rows_target() -> None:
+    """The row's published mIoU beside ours, single-scale from validation, multi-scale from eval."""
+    import json
+
+    from hrt_ray.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(repo / "jobs" / "cityscapes-hrt_s_w7-80k-b8-512x1024.yaml")
+    source = cfg.target.source
+    assert source and cfg.target.miou_ss == 80.0 and cfg.target.miou_ms == 81.0
+
+    plain = _summary(target=cfg.target)
+    ss_line = f"target mIoU   80.00 ss ({source}) -> achieved 78.12 (-1.88)"
+    lines = plain.lines()
+    assert ss_line in lines and lines.index(ss_line) == 2  # right under the val mIoU line
+    assert not any(" ms (" in line for line in lines)
+
+    ms_eval = {"mIoU": 0.8234, "setting": "whole-ms0.75_1_1.25-flip", "json": "/x.json", "scales": "ms"}
+    both = _summary(target=cfg.target, eval=ms_eval).lines()
+    assert ss_line in both
+    assert f"target mIoU   81.00 ms ({source}) -> achieved 82.34 (+1.34)" in both
+    # A single-scale evaluation (flip or slide) is what the single-scale figure is held against.
+    ss_eval = {"mIoU": 0.8001, "setting": "whole-ss1-flip", "json": "/x.json", "scales": "ss"}
+    assert [line for line in _summary(target=cfg.target, eval=ss_eval).lines() if "target" in line] == [
+        f"target mIoU   80.00 ss ({source}) -> achieved 80.01 (+0.01)"
+    ]
+
+    data = json.loads(json.dumps(_summary(target=cfg.target, eval=ms_eval).as_json()))
+    assert data["target"]["miou_ss"] == 80.0 and data["target"]["source"] == source
+    compared = {c["scales"]: c for c in data["target"]["compared"]}
+    assert compared["ss"]["achieved_miou"] == pytest.approx(78.12)
+    assert compared["ss"]["difference"] == pytest.approx(-1.88)
+    assert compared["ms"]["published_miou"] == 81.0 and compared["ms"]["difference"] == pytest.approx(1.34)
+
+
+def test_train_summary_without_a_target_prints_nothing_extra() -> None:
+    from hrt_ray.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    no_figures = load_config(repo / "jobs" / "ade20k-hrt_b_w15-150k-b8-520x520.yaml").target
+    default = load_config(repo / "jobs" / "default.yaml").target
+    reference = _summary().lines()
+    for target in (None, no_figures, default):
+        summary = _summary(target=target)
+        assert summary.lines() == reference
+        assert summary.as_json()["target"] is None
+    # Nothing measured yet: no comparison line either.
+    cityscapes = load_config(repo / "jobs" / "cityscapes-hrt_s_w7-80k-b8-512x1024.yaml").target
+    assert not any("target" in line for line in _summary(target=cityscapes, final_miou=None).lines())

@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from hrt_ray.data.specs import synthetic_spec
-from hrt_ray.infer.labels import IGNORE_COLOUR
+from hrt_ray.infer.labels import IGNORE_COLOR
 from hrt_ray.infer.visualize import (
-    CORRECT_COLOUR,
+    CORRECT_COLOR,
     GAP,
     HEADER,
-    IGNORED_COLOUR,
-    WRONG_COLOUR,
+    IGNORED_COLOR,
+    WRONG_COLOR,
     error_map,
     make_panel,
 )
@@ -53,14 +53,14 @@ def test_panel_geometry_palette_and_errors() -> None:
     palette = {tuple(c) for c in spec.palette}
     inp, gt, pr, err = tiles(panel, 0, H, W)
     np.testing.assert_array_equal(inp, image)
-    assert colours(gt) <= palette | {IGNORE_COLOUR}
+    assert colours(gt) <= palette | {IGNORE_COLOR}
     assert colours(pr) <= palette
     np.testing.assert_array_equal(err, error_map(truth, pred, spec.ignore_index))
     wrong = (truth != pred) & (truth != spec.ignore_index)
     assert wrong.sum() == 100 - (truth[10:20, 10:20] == spec.ignore_index).sum()
-    assert (err[wrong] == WRONG_COLOUR).all() and (err[truth == spec.ignore_index] == IGNORED_COLOUR).all()
-    assert (err[~wrong & (truth != spec.ignore_index)] == CORRECT_COLOUR).all()
-    assert colours(tiles(panel, 1, H, W)[3]) == {CORRECT_COLOUR, IGNORED_COLOUR}
+    assert (err[wrong] == WRONG_COLOR).all() and (err[truth == spec.ignore_index] == IGNORED_COLOR).all()
+    assert (err[~wrong & (truth != spec.ignore_index)] == CORRECT_COLOR).all()
+    assert colours(tiles(panel, 1, H, W)[3]) == {CORRECT_COLOR, IGNORED_COLOR}
 
     half = make_panel([(image, truth, pred)], spec, tile_width=W // 2)  # label tiles stay in palette
     assert half.shape == (HEADER + H // 2, 4 * (W // 2) + 3 * GAP, 3)
@@ -104,11 +104,11 @@ def test_visualize_cli_and_tensorboard_panel(tmp_path: Path, capsys) -> None:
     palette = {tuple(c) for c in synthetic_spec(CLASSES).palette}
     for row in range(2):
         _, gt, pr, err = tiles(panel, row, H, W)
-        assert colours(gt) <= palette | {IGNORE_COLOUR}
+        assert colours(gt) <= palette | {IGNORE_COLOR}
         assert colours(pr) <= palette
-        assert colours(err) <= {CORRECT_COLOUR, WRONG_COLOUR, IGNORED_COLOUR}
+        assert colours(err) <= {CORRECT_COLOR, WRONG_COLOR, IGNORED_COLOR}
         same = (gt == pr).all(axis=-1)
-        assert (err[same] == CORRECT_COLOUR).all() and (err[~same] == WRONG_COLOUR).all()
+        assert (err[same] == CORRECT_COLOR).all() and (err[~same] == WRONG_COLOR).all()
 
     # The training loop's panel: same picture, written to TensorBoard as val/panel.
     cfg = load_config(cfg_path)

@@ -83,11 +83,3 @@ def encode_png(arr: np.ndarray) -> bytes:
         raise DataError("cannot encode PNG")
     return buf.tobytes()
 
-
-def image_size(data: bytes, where: str) -> tuple[int, int]:
-    """(height, width) from the header only (cheap; used to fill shard metadata)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.height, im.width
-    except Exception as exc:
-        raise DataError(f"{where}: image does not decode ({exc})") from exc

@@ -418,7 +418,7 @@ def build_datasets(cfg) -> dict:
     crop = tuple(d.crop_size) if d.crop_size else spec.crop_size
     spec_info = {"num_classes": spec.num_classes, "ignore_index": spec.ignore_index}
     lut = spec.lut()
-    channel_order = getattr(d, "channel_order", "RGB")
+    channel_order = d.channel_order
     cpus = cfg.scaling.cpus_per_data_worker
 
     train_manifest = read_manifest(d.train_uri, endpoint)
@@ -493,7 +493,7 @@ def build_datasets(cfg) -> dict:
         val = val.union(pad_ds)
     for ds in (train, val):
         ds.context.set_config(STATE_KEY, state)
-        ds.context.set_config(BUFFER_KEY, int(getattr(d, "shuffle_buffer", 0)))
+        ds.context.set_config(BUFFER_KEY, d.shuffle_buffer)
     return {"train": train, "val": val}
 
 

@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(result.table())
-    print(f"setting {result.setting}; written {result.json_uri} and {result.csv_uri}")
+    print("\n".join(result.summary_lines()))
     return 0

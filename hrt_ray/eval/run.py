@@ -13,10 +13,13 @@ import io
 import json
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
-from hrt_ray.config import ExperimentConfig, from_dict
+from hrt_ray.config import ExperimentConfig, TargetComparison, from_dict
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin")
 
@@ -30,11 +33,15 @@ def checkpoint_file(uri: str) -> str:
     return f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
 
 
+def scale_kind(cfg: ExperimentConfig) -> Literal["ss", "ms"]:
+    """``ss`` for a single-scale test, ``ms`` for a multi-scale one (the papers' two columns)."""
+    return "ss" if len(cfg.eval.scales) == 1 else "ms"
+
+
 def setting_tag(cfg: ExperimentConfig) -> str:
     """E.g. ``whole-ms0.75_1_1.25-flip``: names the result files after the test setting."""
     scales = "_".join(f"{s:g}" for s in cfg.eval.scales)
-    kind = "ss" if len(cfg.eval.scales) == 1 else "ms"
-    return f"{cfg.eval.mode}-{kind}{scales}" + ("-flip" if cfg.eval.flip else "")
+    return f"{cfg.eval.mode}-{scale_kind(cfg)}{scales}" + ("-flip" if cfg.eval.flip else "")
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +98,10 @@ class EvalResult:
     confusion: list[list[int]]
     json_uri: str
     csv_uri: str
+    #: ``ss`` or ``ms`` (:func:`scale_kind`): which published figure the result is held against.
+    scales: Literal["ss", "ms"] = "ss"
+    #: The config's published mIoU for this setting beside ours; ``None`` when it gives none.
+    target: TargetComparison | None = None
 
     def table(self) -> str:
         width = max(12, *(len(c) for c in self.classes))
@@ -101,6 +112,13 @@ class EvalResult:
         rows.append(f"{'mIoU':<{width}}  {100 * self.miou:7.2f}")
         rows.append(f"{'pixel acc':<{width}}  {100 * self.pixel_acc:7.2f}")
         return "\n".join(rows)
+
+    def summary_lines(self) -> list[str]:
+        """What ``hrt-ray eval`` prints under the table: the setting, the files, the target."""
+        out = [f"setting {self.setting}; written {self.json_uri} and {self.csv_uri}"]
+        if self.target is not None:
+            out.append(self.target.line())
+        return out
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +132,7 @@ class EvalResult:
                 for c, i, n in zip(self.classes, self.iou, self.support, strict=True)
             ],
             "confusion": self.confusion,
+            "target": None if self.target is None else self.target.as_json(),
         }
 
 
@@ -133,7 +152,6 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
 
     from hrt_ray import storage
     from hrt_ray.data import build_datasets, ensure_synthetic
-    from hrt_ray.eval.metrics import metrics_from_confusion
     from hrt_ray.train.trainer import TrainError, build_trainer, check_resources
 
     ckpt_file = checkpoint_file(checkpoint)
@@ -144,20 +162,11 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
     if cfg.data.dataset == "synthetic":
         ensure_synthetic(cfg)
     val = build_datasets(cfg)["val"]
-    eval_cfg = from_dict(
-        {
-            **_as_dict(cfg),
-            "scaling": {
-                **_as_dict(cfg)["scaling"],
-                "num_workers": max(1, cfg.scaling.num_workers),
-                "min_workers": None,
-            },
-        },
-        source="eval config",
-        training=False,
-    )
+    # At least one worker, in a fixed group: evaluation is one pass, with nothing to resize for.
+    scaling = replace(cfg.scaling, num_workers=max(1, cfg.scaling.num_workers), min_workers=None)
     with tempfile.TemporaryDirectory(prefix="hrt-eval-") as scratch:
-        eval_cfg.storage.path = scratch  # the eval run's own bookkeeping; results go beside the checkpoint
+        # The eval run's own bookkeeping goes to scratch; results go beside the checkpoint.
+        eval_cfg = replace(cfg, scaling=scaling, storage=replace(cfg.storage, path=scratch))
         trainer = build_trainer(
             eval_cfg,
             {"val": val},
@@ -170,23 +179,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
         except Exception as exc:
             raise TrainError(f"evaluation of {ckpt_file} failed: {exc}") from exc
     matrix = torch.tensor(result.return_value["confusion"], dtype=torch.int64)
-    metrics = metrics_from_confusion(matrix)
-    names = class_names(cfg, matrix.shape[0])
-    base = ckpt_file.rsplit("/", 1)[0]
-    tag = setting_tag(cfg)
-    out = EvalResult(
-        checkpoint=ckpt_file,
-        setting=tag,
-        miou=metrics.miou,
-        pixel_acc=metrics.pixel_acc,
-        mean_acc=metrics.mean_acc,
-        classes=names,
-        iou=metrics.iou,
-        support=metrics.support,
-        confusion=matrix.tolist(),
-        json_uri=f"{base}/eval-{tag}.json",
-        csv_uri=f"{base}/eval-{tag}.csv",
-    )
+    out = eval_result(cfg, ckpt_file, matrix)
     storage.write_bytes(out.json_uri, json.dumps(out.as_json(), indent=2).encode(), cfg.storage.endpoint)
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -198,7 +191,26 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
     return out
 
 
-def _as_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    from hrt_ray.config import to_dict
+def eval_result(cfg: ExperimentConfig, ckpt_file: str, matrix: torch.Tensor) -> EvalResult:
+    """The result of a summed confusion ``matrix`` under ``cfg``'s test setting and target."""
+    from hrt_ray.eval.metrics import metrics_from_confusion
 
-    return to_dict(cfg)
+    metrics = metrics_from_confusion(matrix)
+    base = ckpt_file.rsplit("/", 1)[0]
+    tag = setting_tag(cfg)
+    kind = scale_kind(cfg)
+    return EvalResult(
+        checkpoint=ckpt_file,
+        setting=tag,
+        miou=metrics.miou,
+        pixel_acc=metrics.pixel_acc,
+        mean_acc=metrics.mean_acc,
+        classes=class_names(cfg, matrix.shape[0]),
+        iou=metrics.iou,
+        support=metrics.support,
+        confusion=matrix.tolist(),
+        json_uri=f"{base}/eval-{tag}.json",
+        csv_uri=f"{base}/eval-{tag}.csv",
+        scales=kind,
+        target=cfg.target.compare(metrics.miou, kind),
+    )

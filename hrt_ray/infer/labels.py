@@ -13,7 +13,7 @@ import numpy as np
 from hrt_ray.data.specs import DatasetSpec
 
 #: Colour of ignored / unlabelled pixels in pictures.
-IGNORE_COLOUR = (0, 0, 0)
+IGNORE_COLOR = (0, 0, 0)
 
 
 def train_to_original_lut(spec: DatasetSpec) -> np.ndarray:
@@ -46,20 +46,20 @@ def to_label_image(pred: np.ndarray, spec: DatasetSpec, ids: str = "train") -> n
 
 
 def palette_lut(spec: DatasetSpec) -> np.ndarray:
-    """Train id -> RGB (``(256, 3)`` uint8): the spec palette, :data:`IGNORE_COLOUR` elsewhere."""
+    """Train id -> RGB (``(256, 3)`` uint8): the spec palette, :data:`IGNORE_COLOR` elsewhere."""
     lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[:] = IGNORE_COLOUR
+    lut[:] = IGNORE_COLOR
     lut[: spec.num_classes] = np.asarray(spec.palette, dtype=np.uint8)
     return lut
 
 
-def colourize(labels: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+def colorize(labels: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     """``(H, W)`` train ids (``ignore_index`` allowed) -> ``(H, W, 3)`` RGB in the dataset palette."""
     return palette_lut(spec)[labels.astype(np.uint8, copy=False)]
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, spec: DatasetSpec, alpha: float = 0.5) -> np.ndarray:
     """RGB ``image`` blended with the palette colours of ``labels`` (``alpha`` = colour weight)."""
-    colours = colourize(labels, spec).astype(np.float32)
+    colours = colorize(labels, spec).astype(np.float32)
     out = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

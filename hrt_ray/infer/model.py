@@ -124,7 +124,7 @@ class Segmenter:
         model = load_model(cfg, checkpoint, num_classes).to(dev)
         return cls(cfg, model, num_classes, spec or resolve_spec(cfg), dev, batch_size=batch_size)
 
-    def normalise(self, image: np.ndarray) -> np.ndarray:
+    def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB -> float32 ``(3, H, W)`` exactly as the validation pipeline feeds the model."""
         from hrt_ray.data.transforms import normalize
 
@@ -169,7 +169,7 @@ class Segmenter:
         for indices in by_size.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                batch = torch.from_numpy(np.stack([self.normalise(images[i]) for i in chunk]))
+                batch = torch.from_numpy(np.stack([self.normalize(images[i]) for i in chunk]))
                 pred = self.predict_tensor(batch).to("cpu", torch.uint8).numpy()
                 for i, p in zip(chunk, pred, strict=True):
                     out[i] = p

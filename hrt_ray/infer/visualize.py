@@ -25,9 +25,9 @@ HEADER = 20
 MAX_TILE_WIDTH = 512
 TITLES = ("input", "ground truth", "prediction", "errors")
 BACKGROUND = (255, 255, 255)
-CORRECT_COLOUR = (0, 0, 0)
-WRONG_COLOUR = (255, 0, 0)
-IGNORED_COLOUR = (128, 128, 128)
+CORRECT_COLOR = (0, 0, 0)
+WRONG_COLOR = (255, 0, 0)
+IGNORED_COLOR = (128, 128, 128)
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ Sample = tuple[str, np.ndarray, np.ndarray]  # key, RGB uint8 (H, W, 3), train i
 
 
 def error_map(truth: np.ndarray, pred: np.ndarray, ignore_index: int) -> np.ndarray:
-    """RGB map: :data:`CORRECT_COLOUR` / :data:`WRONG_COLOUR`, :data:`IGNORED_COLOUR` where ignored."""
+    """RGB map: :data:`CORRECT_COLOR` / :data:`WRONG_COLOR`, :data:`IGNORED_COLOR` where ignored."""
     out = np.empty((*truth.shape, 3), np.uint8)
-    out[:] = CORRECT_COLOUR
-    out[truth != pred] = WRONG_COLOUR
-    out[truth == ignore_index] = IGNORED_COLOUR
+    out[:] = CORRECT_COLOR
+    out[truth != pred] = WRONG_COLOR
+    out[truth == ignore_index] = IGNORED_COLOR
     return out
 
 
@@ -66,7 +66,7 @@ def make_panel(
     """
     import cv2
 
-    from hrt_ray.infer.labels import colourize
+    from hrt_ray.infer.labels import colorize
 
     if not rows:
         raise ValueError("make_panel needs at least one (image, truth, pred) row")
@@ -75,8 +75,8 @@ def make_panel(
     for image, truth, pred in rows:
         tiles = [
             _tile(image, width, nearest=False),
-            _tile(colourize(truth, spec), width, nearest=True),
-            _tile(colourize(pred, spec), width, nearest=True),
+            _tile(colorize(truth, spec), width, nearest=True),
+            _tile(colorize(pred, spec), width, nearest=True),
             _tile(error_map(truth, pred, spec.ignore_index), width, nearest=True),
         ]
         h = tiles[0].shape[0]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -218,10 +218,12 @@ def run(args: argparse.Namespace) -> int:
         finally:
             _keep_log(driver_log, log_uri, cfg.storage.endpoint)
         print(result.table())
-        summary.eval = {"mIoU": result.miou, "setting": result.setting, "json": result.json_uri}
+        evaluated = {"mIoU": result.miou, "setting": result.setting, "json": result.json_uri}
+        summary = replace(summary, eval={**evaluated, "scales": result.scales})
+    summary = replace(summary, target=cfg.target)
     storage.write_bytes(
         f"{summary.run_dir}/summary.json",
-        json.dumps(asdict(summary), indent=2).encode(),
+        json.dumps(summary.as_json(), indent=2).encode(),
         cfg.storage.endpoint,
     )
     print("\n".join(summary.lines()))

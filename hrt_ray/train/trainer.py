@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hrt_ray.config import ExperimentConfig, check_batch_split
+from hrt_ray.config import ExperimentConfig, TargetComparison, TargetConfig, check_batch_split
 from hrt_ray.train.paths import checkpoint_uri, ray_storage, run_uri, worker_config
 from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
@@ -120,6 +120,32 @@ class TrainSummary:
     eval: dict[str, Any] | None = None
     #: Records skipped under ``data.max_bad_records`` (bad records, records of unreadable shards).
     skipped_records: int = 0
+    #: The config's published result (``target:``): the summary holds ours against it.
+    target: TargetConfig | None = None
+
+    def target_comparisons(self) -> list[TargetComparison]:
+        """Ours against each figure the config's row publishes (none when it publishes none).
+
+        Single-scale: the evaluation when it was single-scale, else the final validation
+        (always scale 1.0 without flip). Multi-scale: the evaluation when it was multi-scale.
+        """
+        if self.target is None:
+            return []
+        eval_scales = self.eval["scales"] if self.eval is not None else None
+        ss = self.eval["mIoU"] if eval_scales == "ss" else self.final_miou
+        found = [self.target.compare(ss, "ss")]
+        if eval_scales == "ms":
+            found.append(self.target.compare(self.eval["mIoU"], "ms"))
+        return [c for c in found if c is not None]
+
+    def as_json(self) -> dict[str, Any]:
+        """What ``summary.json`` holds: every field, the target with ours against it."""
+        data = asdict(self)
+        if self.target is not None and (self.target.miou_ss is not None or self.target.miou_ms is not None):
+            data["target"]["compared"] = [c.as_json() for c in self.target_comparisons()]
+        else:
+            data["target"] = None
+        return data
 
     def lines(self) -> list[str]:
         def pct(v: float | None) -> str:
@@ -135,6 +161,7 @@ class TrainSummary:
             out.append(
                 f"eval mIoU      {pct(self.eval['mIoU'])} ({self.eval['setting']}) -> {self.eval['json']}"
             )
+        out += [c.line() for c in self.target_comparisons()]
         out += [
             f"checkpoint     {self.checkpoint}",
             f"best           {self.best_checkpoint}",

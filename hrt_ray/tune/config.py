@@ -36,6 +36,7 @@ from hrt_ray.config import (
     build_checked,
     deep_merge,
     from_dict,
+    key_prefix,
     load_config,
     read_mapping,
     suggest,
@@ -108,7 +109,7 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-@dataclass
+@dataclass(frozen=True)
 class LrSpace:
     """The learning rate (``optim.lr``): a grid, or log-uniform samples, or neither."""
 
@@ -135,7 +136,7 @@ class LrSpace:
         return self.grid is not None or self.loguniform is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSpace:
     """What varies between trials; a key left out keeps the base experiment's value."""
 
@@ -188,7 +189,7 @@ class SearchSpace:
             yield dict(zip(grids, values, strict=True))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     """When trials stop: ASHA stops the worse ones at rungs of iterations; FIFO runs all to the end."""
 
@@ -210,7 +211,7 @@ class SchedulerConfig:
             raise ConfigError(f"{path}.max_t: must be >= grace_period={self.grace_period}, got {self.max_t}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepConfig:
     #: The sweep's name: its directory is ``<storage>/<name>``; the same name resumes it.
     name: str = "sweep"
@@ -235,17 +236,18 @@ class SweepConfig:
     seed: int = 0
 
     def validate(self, path: str = "") -> None:
+        prefix = key_prefix(path)  # "sweep" -> "sweep.name", "" -> "name"
         if not self.name or any(c in self.name for c in "/\\ "):
-            raise ConfigError(f"{path}name: must be a non-empty name without '/', '\\' or spaces")
-        self.search.validate(f"{path}search")
-        self.scheduler.validate(f"{path}scheduler")
+            raise ConfigError(f"{prefix}name: must be a non-empty name without '/', '\\' or spaces")
+        self.search.validate(f"{prefix}search")
+        self.scheduler.validate(f"{prefix}scheduler")
         if self.num_samples < 1:
-            raise ConfigError(f"{path}num_samples: must be >= 1, got {self.num_samples}")
+            raise ConfigError(f"{prefix}num_samples: must be >= 1, got {self.num_samples}")
         if self.max_concurrent_trials < 0:
-            raise ConfigError(f"{path}max_concurrent_trials: must be >= 0 (0 = as many as fit)")
+            raise ConfigError(f"{prefix}max_concurrent_trials: must be >= 0 (0 = as many as fit)")
         if self.storage is not None and not self.storage.strip():
-            raise ConfigError(f"{path}storage: must be a local path, s3:// or gs:// URI (or left out)")
-        check_metric(self.metric, f"{path}metric")
+            raise ConfigError(f"{prefix}storage: must be a local path, s3:// or gs:// URI (or left out)")
+        check_metric(self.metric, f"{prefix}metric")
 
 
 def check_metric(metric: str, path: str) -> None:
@@ -268,7 +270,7 @@ def _check_grid(values: Sequence[Any], path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sweep:
     """A validated sweep: its config and the base experiment every trial starts from."""
 
@@ -343,7 +345,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         base_path = Path(cfg.base).expanduser()
         if not base_path.is_absolute():
             base_path = (Path(path).resolve().parent / base_path).resolve()
-        cfg.base = str(base_path)
+        cfg = dataclasses.replace(cfg, base=str(base_path))
     base = load_config(base_path)
     data = deep_merge(to_dict(base), cfg.experiment)
     try:
@@ -373,7 +375,7 @@ def sweep_from_saved(data: Any, source: str = "saved sweep") -> Sweep:
         raise ConfigError(f"{source}: not a saved sweep (expected keys 'sweep' and 'base_experiment')")
     try:
         cfg: SweepConfig = build_checked(SweepConfig, data["sweep"], "sweep")
-        cfg.validate("sweep.")
+        cfg.validate("sweep")
         base = from_dict(data["base_experiment"], source="base_experiment")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -385,9 +387,9 @@ def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
     from hrt_ray.train.paths import worker_config
 
     base = from_dict(worker_config(base), source="experiment")
-    sweep = Sweep(config=cfg, base=base, source=source)
     # Saved absolute, so `--resume DIR` from another directory finds the same sweep.
-    cfg.storage = sweep.storage
+    storage_root = Sweep(config=cfg, base=base, source=source).storage
+    sweep = Sweep(config=dataclasses.replace(cfg, storage=storage_root), base=base, source=source)
     try:
         _check_against_base(sweep)
     except ConfigError as exc:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
 
-from hrt_ray.config import ExperimentConfig, from_dict, to_dict
+from hrt_ray.config import ExperimentConfig
 from hrt_ray.tune.config import SEARCH_KEYS, SWEEP_FILE, Sweep, trial_run_name
 from hrt_ray.tune.results import UNFINISHED, Report, tune_storage, write_report
 
@@ -66,8 +66,8 @@ def check_trial_resources(cfg: ExperimentConfig) -> None:
     if not cfg.scaling.check_resources:
         return
     # The trial function's CPU sits beside the run's data CPU: count it there.
-    probe = from_dict(to_dict(cfg), source="resource check")
-    probe.scaling.cpus_per_data_worker += TRIAL_CPU
+    data_cpus = cfg.scaling.cpus_per_data_worker + TRIAL_CPU
+    probe = replace(cfg, scaling=replace(cfg.scaling, cpus_per_data_worker=data_cpus))
     try:
         # Only what can never fit: each trial's own placement group makes the autoscaler scale.
         check_resources(probe, wait=False)
