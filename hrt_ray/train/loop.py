@@ -137,7 +137,6 @@ def train_step(
     *,
     grad_clip: float | None = None,
     channels_last: bool = False,
-    poison_loss: bool = False,
 ) -> StepResult:
     """One optimisation step. Raises :class:`NonFiniteLossError` unless a grad scaler handles it.
 
@@ -156,8 +155,6 @@ def train_step(
         outputs = model(images)
     # The losses run in fp32 whatever the autocast dtype (segmentation_loss casts up).
     loss, _ = segmentation_loss(outputs, masks, **loss_args)
-    if poison_loss:
-        loss = loss * float("nan")
     if not bool(torch.isfinite(loss.detach())) and scaler is None:
         # scheduler.last_epoch counts the steps done; this one would be iteration last_epoch + 1.
         raise NonFiniteLossError(
@@ -402,12 +399,7 @@ def _remove_orphaned_checkpoint_dirs() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point. ``config``: ``{"cfg": to_dict(cfg), "run_uri": str, "fault": {...}}``.
-
-    ``fault`` is a test-only fault-injection knob: ``{"crash_at_iter": k, "marker": path}``
-    kills the last rank's process once at iteration ``k``; ``{"nan_at_iter": k}`` poisons the
-    loss at iteration ``k``.
-    """
+    """Ray Train entry point. ``config``: ``{"cfg": to_dict(cfg), "run_uri": str, "val_panel": ...}``."""
     import ray.train
     import ray.train.torch
 
@@ -417,7 +409,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # Pictures for TensorBoard come from the caller (``hrt_ray.infer.visualize``): passed in,
     # because training must not import the layers built on top of it.
     val_panel = config.get("val_panel")
-    fault = config.get("fault") or {}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -591,11 +582,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             got_batch = True
             guard.update(batch["mask"])
             meter.wait_s += t_step - t_wait
-            if fault.get("crash_at_iter") == iteration + 1 and rank == world - 1:
-                marker = Path(fault["marker"])
-                if not marker.exists():
-                    marker.write_text(f"crashed at iteration {iteration + 1}\n")
-                    os._exit(17)
             try:
                 step = train_step(
                     train_model,
@@ -608,7 +594,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     amp_dtype,
                     grad_clip=cfg.optim.grad_clip,
                     channels_last=cfg.model.channels_last,
-                    poison_loss=fault.get("nan_at_iter") == iteration + 1,
                 )
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(
