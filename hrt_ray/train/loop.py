@@ -6,8 +6,11 @@ wrap in DDP, then loop over its shard of the training data by iteration. Every
 ``ray.train.report`` (a barrier) and rank 0 attaches a checkpoint written atomically to a
 temporary directory. Validation sums one confusion matrix over all workers.
 
-The step itself (:func:`train_step`) and the validation (:func:`validate`) are free functions so
-the single-process benchmark runs exactly the same code without Ray.
+Each of those is a named step, a method of :class:`WorkerState` (the worker's model, optimizer
+and progress), so :func:`train_loop_per_worker` reads as their sequence and each step can be
+tested alone. The step itself (:func:`train_step`) and the validation (:func:`validate`) are
+free functions so the single-process benchmark runs exactly the same code without Ray; the loop
+looks ``train_step`` up in this module at every call, which is where tests inject faults.
 """
 
 from __future__ import annotations
@@ -394,6 +397,7 @@ def _remove_orphaned_checkpoint_dirs() -> None:
             continue
 
 
+# --------------------------------------------------------------------------------------------
 # The worker: its state and the named steps of one worker's run
 # --------------------------------------------------------------------------------------------
 
