@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,5 +205,6 @@ def test_production_code_carries_no_fault_hooks() -> None:
         assert "fault" not in inspect.signature(fn).parameters, fn.__name__
     assert "poison_loss" not in inspect.signature(loop.train_step).parameters
     source = inspect.getsource(loop)
-    assert "os._exit" not in source and not re.search(r"\bfault", source)
+    for hook in ("os._exit", '"fault"', "crash_at_iter", "nan_at_iter", "poison_loss"):
+        assert hook not in source, hook
     assert len(inspect.getsource(loop.train_loop_per_worker).splitlines()) <= 80
