@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from hrt_ray.train.optim import build_optimizer, build_scheduler
 from hrt_ray.train.state import rng_state, seed_everything, set_rng_state, unwrap
 from hrt_ray.train.upload import checkpoint_upload_mode, remove_orphaned_checkpoint_dirs, report_checkpoint
 from hrt_ray.train.watchdog import iter_with_timeout
+
+if TYPE_CHECKING:
+    from hrt_ray.data import LabelledPixelGuard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -337,7 +340,7 @@ class WorkerState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     loss_args: dict[str, Any]
-    guard: Any  # hrt_ray.data.LabelledPixelGuard
+    guard: LabelledPixelGuard
     #: ``model``, or its DDP / compiled wrapper once :meth:`distribute` ran: what steps train.
     train_model: nn.Module | None = None
     iteration: int = 0
@@ -381,9 +384,20 @@ class WorkerState:
             hint=f" (data.dataset={cfg.data.dataset}, shards {cfg.data.train_uri})",
         )
         return cls(
-            cfg, cfg_dict, rank, world, device, amp_dtype, num_classes, model, optimizer, scheduler,
-            build_grad_scaler(amp_dtype, device), loss_kwargs(cfg, device), guard,
-        )  # fmt: skip
+            cfg=cfg,
+            cfg_dict=cfg_dict,
+            rank=rank,
+            world=world,
+            device=device,
+            amp_dtype=amp_dtype,
+            num_classes=num_classes,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=build_grad_scaler(amp_dtype, device),
+            loss_args=loss_kwargs(cfg, device),
+            guard=guard,
+        )
 
     def resume(self, saved: dict[str, Any] | None) -> None:
         """Continue from ``saved`` (a checkpoint's state; ``None``: start afresh)."""
