@@ -38,6 +38,7 @@ def tiny(*overrides: str) -> ExperimentConfig:
         None,
         [
             f"data.crop_size=[{SIZE},{SIZE}]",
+            "model.num_classes=5",  # not read from a dataset spec or manifest another test left
             "optim.max_iters=6",
             "optim.warmup_iters=1",
             "loss.ohem_min_kept=100",
