@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from faults import NanLossAt
 
 from hrt_ray.config import ExperimentConfig, load_config
 
@@ -76,7 +77,7 @@ def test_non_finite_loss_is_not_retried(ray_session: None, tmp_path: Path) -> No
     from hrt_ray.train.trainer import TrainError, fit
 
     with pytest.raises(TrainError, match=r"NonFiniteLossError: non-finite loss") as info:
-        fit(tiny(tmp_path, "nan"), fault={"nan_at_iter": 2})
+        fit(tiny(tmp_path, "nan"), callbacks=[NanLossAt(2)])
     # Ended by FailFast on the first failure (a ControllerError), not after max_failures retries
     # (Ray's WorkerGroupError).
     ray_error = info.value.__cause__

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import CrashAt
 from test_train_ray import tiny_config as base_config
 
 from hrt_ray.train.resume import ResumeConfigError
@@ -99,7 +100,7 @@ def test_resume_starts_from_the_newest_complete_checkpoint_on_storage(
     runs = tmp_path / "runs"
     cfg = tiny_config(data_dir, str(runs), "orphan", "optim.max_iters=5", "checkpoint.keep=5")
     with pytest.raises(TrainError):
-        fit(cfg, fault={"crash_at_iter": 4, "marker": str(tmp_path / "crashed")})
+        fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
     run_dir = runs / "orphan"
     assert not (run_dir / LOCK_FILE).exists(), "a failed run releases its lock"
     import pyarrow.fs as pafs

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import CrashAt, NanLossAt
 
 from hrt_ray.config import ExperimentConfig, load_config
 from hrt_ray.train.state import CHECKPOINT_FILE, load_state
@@ -140,7 +141,7 @@ def test_interrupted_run_resumes_at_the_same_iteration(
 
     cfg = tiny_config(data_dir, f"{s3_bucket}/runs", "interrupted", "optim.max_iters=5")
     with pytest.raises(TrainError, match="interrupted"):
-        fit(cfg, fault={"crash_at_iter": 4, "marker": str(tmp_path / "crashed")})
+        fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
     assert (tmp_path / "crashed").exists()
     summary = fit(cfg)
     # Checkpoints every iteration. Ray registers a checkpoint when its controller collects the
@@ -169,7 +170,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(
     cfg = tiny_config(
         data_dir, str(tmp_path / "runs"), "killed", "failure.max_failures=1", "optim.max_iters=5"
     )
-    summary = fit(cfg, fault={"crash_at_iter": 4, "marker": str(tmp_path / "crashed")})
+    summary = fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
     assert (tmp_path / "crashed").exists(), "the fault was injected"
     assert summary.resumed_from in (1, 2, 3)  # see test_interrupted_run_resumes_at_the_same_iteration
     assert summary.iteration == 5
@@ -184,7 +185,7 @@ def test_non_finite_loss_stops_without_a_broken_checkpoint(
 
     cfg = tiny_config(data_dir, str(tmp_path / "runs"), "nan", "eval.interval=100")
     with pytest.raises(TrainError, match="non-finite loss"):
-        fit(cfg, fault={"nan_at_iter": 3})
+        fit(cfg, callbacks=[NanLossAt(3)])
     states = checkpoints(tmp_path / "runs" / "nan")
     assert states and max(s["iteration"] for s in states) == 2
     assert all(torch.isfinite(v).all() for s in states for v in s["model"].values() if v.is_floating_point())

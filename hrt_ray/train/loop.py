@@ -6,22 +6,23 @@ wrap in DDP, then loop over its shard of the training data by iteration. Every
 ``ray.train.report`` (a barrier) and rank 0 attaches a checkpoint written atomically to a
 temporary directory. Validation sums one confusion matrix over all workers.
 
-The step itself (:func:`train_step`) and the validation (:func:`validate`) are free functions so
-the single-process benchmark runs exactly the same code without Ray.
+Each of those is a named step, a method of :class:`WorkerState` (the worker's model, optimizer
+and progress), so :func:`train_loop_per_worker` reads as their sequence and each step can be
+tested alone. The step itself (:func:`train_step`) and the validation (:func:`validate`) are
+free functions so the single-process benchmark runs exactly the same code without Ray; the loop
+looks ``train_step`` up in this module at every call, which is where tests inject faults.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
-import os
-import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,8 +34,12 @@ from hrt_ray.eval.metrics import SegMetrics, metrics_from_confusion
 from hrt_ray.storage import RetryPolicy
 from hrt_ray.train.loss import segmentation_loss
 from hrt_ray.train.optim import build_optimizer, build_scheduler
-from hrt_ray.train.state import rng_state, save_state, seed_everything, set_rng_state, unwrap
+from hrt_ray.train.state import rng_state, seed_everything, set_rng_state, unwrap
+from hrt_ray.train.upload import checkpoint_upload_mode, remove_orphaned_checkpoint_dirs, report_checkpoint
 from hrt_ray.train.watchdog import iter_with_timeout
+
+if TYPE_CHECKING:
+    from hrt_ray.data import LabelledPixelGuard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,7 +142,6 @@ def train_step(
     *,
     grad_clip: float | None = None,
     channels_last: bool = False,
-    poison_loss: bool = False,
 ) -> StepResult:
     """One optimisation step. Raises :class:`NonFiniteLossError` unless a grad scaler handles it.
 
@@ -156,8 +160,6 @@ def train_step(
         outputs = model(images)
     # The losses run in fp32 whatever the autocast dtype (segmentation_loss casts up).
     loss, _ = segmentation_loss(outputs, masks, **loss_args)
-    if poison_loss:
-        loss = loss * float("nan")
     if not bool(torch.isfinite(loss.detach())) and scaler is None:
         # scheduler.last_epoch counts the steps done; this one would be iteration last_epoch + 1.
         raise NonFiniteLossError(
@@ -311,352 +313,385 @@ def _any_across_workers(flag: bool, device: torch.device) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint upload
+# The worker: its state and the named steps of one worker's run
 # --------------------------------------------------------------------------------------------
 
 
-def _upload_mode(cfg: ExperimentConfig) -> Any:
-    """Ray's ``CheckpointUploadMode`` for ``checkpoint.upload``.
+@dataclass
+class WorkerState:
+    """One worker's training: what it trains with and where it is, and the named steps that move it.
 
-    ``async``: ``ray.train.report`` returns once rank 0 has written the state to local disk; Ray
-    uploads it in a background thread and registers the checkpoint only when the upload is
-    complete (a crash mid-upload leaves the previous checkpoint the latest: never half-written).
-    An upload error is raised in the training thread and fails the worker group like any error.
-    ``sync``: every rank waits at the report barrier until the upload is done.
+    :func:`train_loop_per_worker` reads as the sequence of these steps, as Ray's examples do: set
+    up, resume, distribute, then passes over the shard with a report (a barrier, with rank 0's
+    checkpoint) every ``checkpoint.every`` iterations and after each validation. Each step is a
+    method so it can be tested alone; those that make no Ray call need no Ray.
     """
-    from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    return CheckpointUploadMode.ASYNC if cfg.checkpoint.upload == "async" else CheckpointUploadMode.SYNC
-
-
-def report_checkpoint(
-    metrics: dict[str, Any],
-    state: dict[str, Any],
-    upload_mode: Any,
-    previous_dir: str | None,
-    timeout_s: float,
-) -> str:
-    """Rank 0's ``ray.train.report`` with a checkpoint of ``state``; returns its local directory.
-
-    Waits for the previous checkpoint's upload first (at most one in flight), writes ``state``
-    atomically to a fresh local directory and reports it with ``upload_mode``. Not a
-    TemporaryDirectory: with an async upload Ray still reads it after ``report()`` returns, and
-    deletes it once uploaded (``delete_local_checkpoint_after_upload``); on an error here it is
-    removed at once.
-    """
-    import ray.train
-    from ray.train import Checkpoint
-
-    if previous_dir is not None:
-        _wait_for_upload(previous_dir, timeout_s)
-    tmp = tempfile.mkdtemp(prefix=f"hrt-ckpt-{os.getpid()}-")
-    try:
-        save_state(tmp, state)
-        ray.train.report(
-            metrics,
-            checkpoint=Checkpoint.from_directory(tmp),
-            checkpoint_upload_mode=upload_mode,
-            delete_local_checkpoint_after_upload=True,
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def _wait_for_upload(local_dir: str, timeout_s: float) -> None:
-    """Wait until Ray has uploaded (and so deleted) the previous checkpoint's local directory.
-
-    Ray's upload pool has one thread and queues the rest: without this, checkpoints written faster
-    than they upload would pile up on local disk. A failed upload never deletes the directory, but
-    Ray raises its error in the training thread, which ends the worker group before the timeout.
-    """
-    deadline = time.monotonic() + timeout_s
-    while os.path.exists(local_dir):
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"the previous checkpoint ({local_dir}) has not finished uploading after {timeout_s:.0f} s "
-                "(failure.stall_timeout_s); is the storage reachable?"
-            )
-        time.sleep(0.05)
-
-
-def _remove_orphaned_checkpoint_dirs() -> None:
-    """Delete local checkpoint directories of dead processes (an async upload that never finished:
-    its worker died). Named ``hrt-ckpt-<pid>-*``; a live process's are left alone."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), "hrt-ckpt-*-*")):
-        pid = os.path.basename(path).split("-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            continue
-
-
-# --------------------------------------------------------------------------------------------
-# The worker function
-# --------------------------------------------------------------------------------------------
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point. ``config``: ``{"cfg": to_dict(cfg), "run_uri": str, "fault": {...}}``.
-
-    ``fault`` is a test-only fault-injection knob: ``{"crash_at_iter": k, "marker": path}``
-    kills the last rank's process once at iteration ``k``; ``{"nan_at_iter": k}`` poisons the
-    loss at iteration ``k``.
-    """
-    import ray.train
-    import ray.train.torch
-
-    from hrt_ray.data import LabelledPixelGuard, iter_batches
-
-    cfg = from_dict(config["cfg"], source="train_loop_config")
-    # Pictures for TensorBoard come from the caller (``hrt_ray.infer.visualize``): passed in,
-    # because training must not import the layers built on top of it.
-    val_panel = config.get("val_panel")
-    fault = config.get("fault") or {}
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu" and cfg.scaling.cpus_per_worker >= 1:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    amp_dtype = autocast_dtype(cfg, device)
-    num_classes = resolve_num_classes(cfg)
-    world_gpus = world if device.type == "cuda" else 0
-
-    seed_everything(cfg.seed * 1000 + rank)
-    model = build_training_model(cfg, num_classes, device, world_gpus)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    scheduler = build_scheduler(
-        optimizer, cfg.optim.max_iters, cfg.optim.warmup_iters, cfg.optim.warmup_ratio, cfg.optim.poly_power
-    )
-    scaler = build_grad_scaler(amp_dtype, device)
-
-    iteration, data_epoch, best = 0, 0, None
-    history: list[list[float]] = []
+    cfg: ExperimentConfig
+    #: The config exactly as the driver passed it; every checkpoint records it.
+    cfg_dict: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    num_classes: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    loss_args: dict[str, Any]
+    guard: LabelledPixelGuard
+    #: ``model``, or its DDP / compiled wrapper once :meth:`distribute` ran: what steps train.
+    train_model: nn.Module | None = None
+    iteration: int = 0
+    data_epoch: int = 0
+    best: float | None = None
+    history: list[list[float]] = field(default_factory=list)
     resumed_from: int | None = None
-    # The newest complete checkpoint on storage or Ray's registered one, whichever is later.
-    from hrt_ray.train.resume import apply_optim_config, resume_state
-
-    state, _ = resume_state(ray.train.get_checkpoint(), config["run_uri"], cfg)
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        apply_optim_config(optimizer, scheduler, cfg)  # an accepted config change really applies
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        iteration = int(state["iteration"])
-        # The partly seen epoch is not replayed: Ray Data's split order is not reproducible,
-        # so the data continues at the next epoch boundary.
-        data_epoch = int(state["data_epoch"]) + 1
-        best = state.get("best")
-        history = [list(h) for h in state.get("history", [])]
-        rngs = state.get("rng") or []
-        if len(rngs) == world:
-            set_rng_state(rngs[rank])
-        else:  # world size changed (elastic): derive fresh, distinct streams
-            seed_everything(cfg.seed * 1000 + rank + 7919 * iteration)
-        resumed_from = iteration
-    # The iteration of the last checkpoint this run has (None: none yet), for accurate errors.
-    last_checkpoint: int | None = resumed_from
-    upload_mode = _upload_mode(cfg)
-    if rank == 0:
-        _remove_orphaned_checkpoint_dirs()
+    #: The iteration of the last checkpoint this run has (None: none yet), for accurate errors.
+    last_checkpoint: int | None = None
+    meter: Meter = field(default_factory=Meter)
+    preempt_saved: bool = False  # one just-in-time checkpoint per worker group and notice
+    upload_mode: Any = None  # Ray's CheckpointUploadMode (see hrt_ray.train.upload)
     pending_dir: str | None = None  # the local dir of the checkpoint whose async upload may still run
+    tb: _TensorBoard | None = None  # rank 0 only
+    val_shard: Any = None
+    #: Pictures for TensorBoard come from the caller (``hrt_ray.infer.visualize``): passed in,
+    #: because training must not import the layers built on top of it.
+    val_panel: Callable[..., Any] | None = None
 
-    loss_args = loss_kwargs(cfg, device)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    # ---- set-up and resume ------------------------------------------------------------------
 
-        from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
+    @classmethod
+    def set_up(
+        cls, cfg: ExperimentConfig, cfg_dict: dict[str, Any], rank: int, world: int, device: torch.device
+    ) -> WorkerState:
+        """Model, optimizer, schedule and grad scaler on ``device``, seeded per rank."""
+        from hrt_ray.data import LabelledPixelGuard
 
-        # Parameters in their gradients' layout: no "Grad strides do not match bucket view strides".
-        probe = probe_batch(cfg.data.crop_size, num_classes, device, cfg.model.channels_last)
-        align_parameter_layouts(model, *probe, loss_args, amp_dtype)
-        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        train_model: nn.Module = DistributedDataParallel(model, **ddp_kwargs)
-    else:
-        train_model = model
-    if cfg.model.compile:
-        train_model = torch.compile(train_model)
-    train_model.train()
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    per_worker = cfg.data.batch_size // max(world, 1)
-    timeout = cfg.failure.stall_timeout_s
-    tb = (
-        _TensorBoard(config["run_uri"], cfg.storage.endpoint, RetryPolicy.from_config(cfg.storage))
-        if rank == 0
-        else None
-    )
-    metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
-
-    def run_validation() -> dict[str, float]:
-        broadcast_buffers(model)
-        batches = iter_with_timeout(
-            iter_batches(val_shard, cfg.eval.batch_size, epoch=0, train=False, prefetch_batches=1),
-            timeout,
-            stage=f"validation data (rank {rank}, iteration {iteration})",
+        if device.type == "cpu" and cfg.scaling.cpus_per_worker >= 1:
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        amp_dtype = autocast_dtype(cfg, device)
+        num_classes = resolve_num_classes(cfg)
+        seed_everything(cfg.seed * 1000 + rank)
+        model = build_training_model(cfg, num_classes, device, world if device.type == "cuda" else 0)
+        optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+        o = cfg.optim
+        scheduler = build_scheduler(optimizer, o.max_iters, o.warmup_iters, o.warmup_ratio, o.poly_power)
+        guard = LabelledPixelGuard(
+            cfg.loss.ignore_index,
+            where=f"rank {rank}: ",
+            hint=f" (data.dataset={cfg.data.dataset}, shards {cfg.data.train_uri})",
         )
-        metrics = validate(model, batches, num_classes, cfg, device, amp_dtype)
-        if tb is not None and val_panel is not None:  # rank 0: pictures of the first val samples
-            val_panel(tb.writer, model, cfg, num_classes, device, iteration)
+        return cls(
+            cfg=cfg,
+            cfg_dict=cfg_dict,
+            rank=rank,
+            world=world,
+            device=device,
+            amp_dtype=amp_dtype,
+            num_classes=num_classes,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=build_grad_scaler(amp_dtype, device),
+            loss_args=loss_kwargs(cfg, device),
+            guard=guard,
+        )
+
+    def resume(self, saved: dict[str, Any] | None) -> None:
+        """Continue from ``saved`` (a checkpoint's state; ``None``: start afresh)."""
+        if saved is not None:
+            from hrt_ray.train.resume import apply_optim_config
+
+            unwrap(self.model).load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            apply_optim_config(self.optimizer, self.scheduler, self.cfg)  # an accepted change applies
+            if self.scaler is not None and saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
+            self.iteration = int(saved["iteration"])
+            # The partly seen epoch is not replayed: Ray Data's split order is not reproducible,
+            # so the data continues at the next epoch boundary.
+            self.data_epoch = int(saved["data_epoch"]) + 1
+            self.best = saved.get("best")
+            self.history = [list(h) for h in saved.get("history", [])]
+            rngs = saved.get("rng") or []
+            if len(rngs) == self.world:
+                set_rng_state(rngs[self.rank])
+            else:  # world size changed (elastic): derive fresh, distinct streams
+                seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.iteration)
+            self.resumed_from = self.iteration
+        self.last_checkpoint = self.resumed_from
+
+    def distribute(self) -> None:
+        """Wrap the (restored) model for training: DDP over >1 worker, then ``torch.compile``.
+
+        After :meth:`resume`: DDP broadcasts rank 0's weights when it wraps them.
+        """
+        self.train_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
+
+            # Parameters in their gradients' layout: no "Grad strides do not match bucket view strides".
+            cfg = self.cfg
+            probe = probe_batch(cfg.data.crop_size, self.num_classes, self.device, cfg.model.channels_last)
+            align_parameter_layouts(self.model, *probe, self.loss_args, self.amp_dtype)
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.train_model = DistributedDataParallel(self.model, **ddp_kwargs)
+        if self.cfg.model.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.train_model.train()
+
+    # ---- one pass over the shard --------------------------------------------------------------
+
+    def train_batches(self, shard: Any) -> Any:
+        """This data epoch's training batches of ``shard``, each wait bounded by the stall timeout."""
+        from hrt_ray.data import iter_batches
+
+        cfg = self.cfg
+        return iter_with_timeout(
+            iter_batches(
+                shard,
+                cfg.data.batch_size // max(self.world, 1),
+                epoch=self.data_epoch,
+                train=True,
+                prefetch_batches=cfg.data.prefetch_batches,
+            ),
+            cfg.failure.stall_timeout_s,
+            stage=f"training data (rank {self.rank}, epoch {self.data_epoch})",
+        )
+
+    def one_pass(self, batches: Any) -> int:
+        """Train on ``batches`` (one data epoch) until they or ``optim.max_iters`` run out.
+
+        Reports (see :meth:`due`) come between steps; their time counts as neither step nor data
+        wait. Returns the number of steps taken.
+        """
+        steps = 0
+        wait_started = time.perf_counter()
+        for batch in batches:
+            self.step(batch, wait_started)
+            steps += 1
+            validate_now, report_now = self.due()
+            if report_now:
+                self.report_window(validate_now)
+            if self.iteration >= self.cfg.optim.max_iters:
+                break
+            wait_started = time.perf_counter()
+        return steps
+
+    def step(self, batch: dict[str, torch.Tensor], wait_started: float) -> None:
+        """One optimisation step (:func:`train_step`, looked up at call time), metered."""
+        t_step = time.perf_counter()
+        self.guard.update(batch["mask"])
+        self.meter.wait_s += t_step - wait_started
+        try:
+            result = train_step(
+                self.train_model,
+                batch,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.loss_args,
+                self.device,
+                self.amp_dtype,
+                grad_clip=self.cfg.optim.grad_clip,
+                channels_last=self.cfg.model.channels_last,
+            )
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"{exc}; nothing after iteration {self.last_checkpoint or 0} was saved, "
+                f"{_last_checkpoint_text(self.last_checkpoint)}. Lower optim.lr, raise "
+                "optim.warmup_iters, or use optim.amp=fp16, whose grad scaler skips such steps"
+            ) from None
+        self.iteration += 1
+        self.meter.steps += 1
+        self.meter.images += int(batch["image"].shape[0])
+        self.meter.loss_sum += float(result.loss)
+        self.meter.skipped += int(result.skipped)
+        self.meter.busy_s += time.perf_counter() - t_step
+
+    def due(self) -> tuple[bool, bool]:
+        """(validate now, report now) after a step: every rank answers the same at every iteration,
+        since a report is a barrier. A preemption notice brings one just-in-time checkpoint."""
+        it, cfg = self.iteration, self.cfg
+        validate_now = it % cfg.eval.interval == 0 or it == cfg.optim.max_iters
+        report_now = validate_now or it % cfg.checkpoint.every == 0
+        if not report_now and not self.preempt_saved and cfg.failure.checkpoint_on_preemption:
+            import ray.train
+
+            # A barrier every rank reaches at the same iterations (Ray requires that).
+            notice = ray.train.get_preemption_info()
+            if notice is not None:
+                report_now = self.preempt_saved = True
+                if self.rank == 0:
+                    print(
+                        f"preemption notice for ranks {notice.preempted_ranks}: "
+                        f"checkpointing at iteration {it}",
+                        flush=True,
+                    )
+        return validate_now, report_now
+
+    # ---- report, checkpoint, validation ------------------------------------------------------
+
+    def report_window(self, validate_now: bool) -> None:
+        """Report the window's training metrics (and a validation), with a checkpoint; new window."""
+        metrics: dict[str, Any] = self.meter.summary(self.world)
+        metrics["train/loss"] = _mean_across_workers(metrics["train/loss"], self.device)
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if validate_now:
+            metrics.update(self.validation())
+            self.history.append([float(self.iteration), metrics["val/mIoU"]])
+        self.report(metrics, with_checkpoint=True)
+        self.meter = Meter()
+
+    def validate_at_start(self) -> None:
+        """The untrained model's validation (``eval.at_start``), reported without a checkpoint."""
+        val = self.validation()
+        self.history.append([0.0, val["val/mIoU"]])
+        self.report(val, with_checkpoint=False)
+
+    def validation(self) -> dict[str, float]:
+        """Validation metrics over every worker's val shard (``val/`` names); rank 0 draws pictures."""
+        from hrt_ray.data import iter_batches
+
+        broadcast_buffers(self.model)
+        batches = iter_with_timeout(
+            iter_batches(self.val_shard, self.cfg.eval.batch_size, epoch=0, train=False, prefetch_batches=1),
+            self.cfg.failure.stall_timeout_s,
+            stage=f"validation data (rank {self.rank}, iteration {self.iteration})",
+        )
+        metrics = validate(self.model, batches, self.num_classes, self.cfg, self.device, self.amp_dtype)
+        if self.tb is not None and self.val_panel is not None:  # rank 0: pictures of the first val samples
+            self.val_panel(
+                self.tb.writer, self.model, self.cfg, self.num_classes, self.device, self.iteration
+            )
         return metrics.as_report("val/")
 
-    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
-        nonlocal best, last_checkpoint, pending_dir
+    def report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        """Every rank's ``ray.train.report`` (a barrier); rank 0 attaches the checkpoint."""
+        import ray.train
+
         if with_checkpoint:
-            # Every rank checks (and agrees), so no rank waits at the report barrier for a rank
-            # that stopped; the state is checked before anything is written.
-            bad = non_finite_state(unwrap(model), optimizer)
-            if _any_across_workers(bool(bad), device):
-                more = " ..." if len(bad) > 5 else ""
-                which = f" ({', '.join(bad[:5])}{more} on rank {rank})" if bad else ""
-                raise NonFiniteStateError(
-                    f"non-finite weights or optimizer state after iteration {iteration}{which}; "
-                    f"no checkpoint of it was saved, {_last_checkpoint_text(last_checkpoint)}. Lower "
-                    "optim.lr or raise optim.warmup_iters (or set optim.grad_clip) and run again"
-                )
-        value = metrics.get(metric)
-        if value is not None and (best is None or (value > best if mode == "max" else value < best)):
-            best = float(value)
-        metrics = {**metrics, "iteration": iteration, "data_epoch": data_epoch}
-        if best is not None:
-            metrics["best"] = best
-        if tb is not None:
-            tb.log({k: v for k, v in metrics.items() if "/" in k}, iteration)
-        # A metric not measured in this report is absent from it (no sentinel score): Ray ranks a
-        # checkpoint without ``checkpoint.metric`` as -inf, below every measured one, for
-        # mode=max; run_checks refuses mode=min for validation metrics, which can be absent.
+            self.check_finite()
+        metrics = self.with_progress(metrics)
+        if self.tb is not None:
+            self.tb.log({k: v for k, v in metrics.items() if "/" in k}, self.iteration)
         rngs = _gather_objects(rng_state()) if with_checkpoint else None
-        if rank == 0 and with_checkpoint:
-            pending_dir = report_checkpoint(
+        if self.rank == 0 and with_checkpoint:
+            self.pending_dir = report_checkpoint(
                 metrics,
-                {
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "iteration": iteration,
-                    "data_epoch": data_epoch,
-                    "best": best,
-                    "history": history,
-                    "rng": rngs,
-                    "arch": cfg.model.arch,
-                    "num_classes": num_classes,
-                    "config": config["cfg"],
-                },
-                upload_mode,
-                pending_dir,
-                cfg.failure.stall_timeout_s,
+                self.checkpoint_state(rngs),
+                self.upload_mode,
+                self.pending_dir,
+                self.cfg.failure.stall_timeout_s,
             )
         else:
             ray.train.report(metrics, checkpoint=None)
         if with_checkpoint:
-            last_checkpoint = iteration
+            self.last_checkpoint = self.iteration
 
-    if iteration == 0 and cfg.eval.at_start:
-        val = run_validation()
-        history.append([0.0, val["val/mIoU"]])
-        report(val, with_checkpoint=False)
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteStateError` if any rank's weights or optimizer state are NaN/inf.
 
-    guard = LabelledPixelGuard(
-        cfg.loss.ignore_index,
-        where=f"rank {rank}: ",
-        hint=f" (data.dataset={cfg.data.dataset}, shards {cfg.data.train_uri})",
-    )
-    meter = Meter()
-    preempt_saved = False  # one just-in-time checkpoint per worker group and notice
-    while iteration < cfg.optim.max_iters:
-        got_batch = False
-        batches = iter_with_timeout(
-            iter_batches(
-                train_shard,
-                per_worker,
-                epoch=data_epoch,
-                train=True,
-                prefetch_batches=cfg.data.prefetch_batches,
-            ),
-            timeout,
-            stage=f"training data (rank {rank}, epoch {data_epoch})",
-        )
-        t_wait = time.perf_counter()
-        for batch in batches:
-            t_step = time.perf_counter()
-            got_batch = True
-            guard.update(batch["mask"])
-            meter.wait_s += t_step - t_wait
-            if fault.get("crash_at_iter") == iteration + 1 and rank == world - 1:
-                marker = Path(fault["marker"])
-                if not marker.exists():
-                    marker.write_text(f"crashed at iteration {iteration + 1}\n")
-                    os._exit(17)
-            try:
-                step = train_step(
-                    train_model,
-                    batch,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    loss_args,
-                    device,
-                    amp_dtype,
-                    grad_clip=cfg.optim.grad_clip,
-                    channels_last=cfg.model.channels_last,
-                    poison_loss=fault.get("nan_at_iter") == iteration + 1,
-                )
-            except NonFiniteLossError as exc:
-                raise NonFiniteLossError(
-                    f"{exc}; nothing after iteration {last_checkpoint or 0} was saved, "
-                    f"{_last_checkpoint_text(last_checkpoint)}. Lower optim.lr, raise "
-                    "optim.warmup_iters, or use optim.amp=fp16, whose grad scaler skips such steps"
-                ) from None
-            iteration += 1
-            meter.steps += 1
-            meter.images += int(batch["image"].shape[0])
-            meter.loss_sum += float(step.loss)
-            meter.skipped += int(step.skipped)
-            meter.busy_s += time.perf_counter() - t_step
+        Every rank checks (and agrees), so no rank waits at the report barrier for a rank that
+        stopped; the state is checked before anything is written.
+        """
+        bad = non_finite_state(unwrap(self.model), self.optimizer)
+        if _any_across_workers(bool(bad), self.device):
+            more = " ..." if len(bad) > 5 else ""
+            which = f" ({', '.join(bad[:5])}{more} on rank {self.rank})" if bad else ""
+            raise NonFiniteStateError(
+                f"non-finite weights or optimizer state after iteration {self.iteration}{which}; "
+                f"no checkpoint of it was saved, {_last_checkpoint_text(self.last_checkpoint)}. Lower "
+                "optim.lr or raise optim.warmup_iters (or set optim.grad_clip) and run again"
+            )
 
-            validate_now = iteration % cfg.eval.interval == 0 or iteration == cfg.optim.max_iters
-            report_now = validate_now or iteration % cfg.checkpoint.every == 0
-            if not report_now and not preempt_saved and cfg.failure.checkpoint_on_preemption:
-                # A barrier every rank reaches at the same iterations (Ray requires that).
-                notice = ray.train.get_preemption_info()
-                if notice is not None:
-                    report_now = preempt_saved = True
-                    if rank == 0:
-                        print(
-                            f"preemption notice for ranks {notice.preempted_ranks}: "
-                            f"checkpointing at iteration {iteration}",
-                            flush=True,
-                        )
-            if report_now:
-                metrics: dict[str, Any] = meter.summary(world)
-                metrics["train/loss"] = _mean_across_workers(metrics["train/loss"], device)
-                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-                if validate_now:
-                    metrics.update(run_validation())
-                    history.append([float(iteration), metrics["val/mIoU"]])
-                report(metrics, with_checkpoint=True)
-                meter = Meter()
-            if iteration >= cfg.optim.max_iters:
-                break
-            t_wait = time.perf_counter()
-        if not got_batch:
+    def with_progress(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` plus iteration, data epoch and the best ``checkpoint.metric`` so far.
+
+        A metric not measured in this report is absent from it (no sentinel score): Ray ranks a
+        checkpoint without ``checkpoint.metric`` as -inf, below every measured one, for mode=max;
+        run_checks refuses mode=min for validation metrics, which can be absent.
+        """
+        value = metrics.get(self.cfg.checkpoint.metric)
+        better = (lambda a, b: a > b) if self.cfg.checkpoint.mode == "max" else (lambda a, b: a < b)
+        if value is not None and (self.best is None or better(value, self.best)):
+            self.best = float(value)
+        out = {**metrics, "iteration": self.iteration, "data_epoch": self.data_epoch}
+        if self.best is not None:
+            out["best"] = self.best
+        return out
+
+    def checkpoint_state(self, rngs: list[Any] | None) -> dict[str, Any]:
+        """What a checkpoint holds (``rngs``: every rank's RNG state, by rank)."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "iteration": self.iteration,
+            "data_epoch": self.data_epoch,
+            "best": self.best,
+            "history": self.history,
+            "rng": rngs,
+            "arch": self.cfg.model.arch,
+            "num_classes": self.num_classes,
+            "config": self.cfg_dict,
+        }
+
+    def result(self) -> dict[str, Any]:
+        """The worker's return value (``result.return_value`` is rank 0's)."""
+        return {
+            "iteration": self.iteration,
+            "best": self.best,
+            "history": self.history,
+            "resumed_from": self.resumed_from,
+        }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point. ``config``: ``{"cfg": to_dict(cfg), "run_uri": str, "val_panel": ...}``."""
+    import ray.train
+    import ray.train.torch
+
+    from hrt_ray.train.resume import resume_state
+
+    cfg = from_dict(config["cfg"], source="train_loop_config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker = WorkerState.set_up(cfg, config["cfg"], rank, world, ray.train.torch.get_device())
+    # The newest complete checkpoint on storage or Ray's registered one, whichever is later.
+    saved, _ = resume_state(ray.train.get_checkpoint(), config["run_uri"], cfg)
+    worker.resume(saved)
+    worker.upload_mode = checkpoint_upload_mode(cfg)
+    if rank == 0:
+        remove_orphaned_checkpoint_dirs()
+    worker.distribute()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    worker.val_shard = ray.train.get_dataset_shard("val")
+    worker.val_panel = config.get("val_panel")
+    if rank == 0:
+        retry = RetryPolicy.from_config(cfg.storage)
+        worker.tb = _TensorBoard(config["run_uri"], cfg.storage.endpoint, retry)
+    if worker.iteration == 0 and cfg.eval.at_start:
+        worker.validate_at_start()
+
+    worker.meter = Meter()
+    while worker.iteration < cfg.optim.max_iters:
+        if worker.one_pass(worker.train_batches(train_shard)) == 0:
             raise RuntimeError(
                 f"rank {rank}: the training shard of {cfg.data.train_uri} yielded no batch of "
-                f"{per_worker} in epoch {data_epoch} (too few samples for data.batch_size over "
-                f"{world} workers?)"
+                f"{cfg.data.batch_size // max(world, 1)} in epoch {worker.data_epoch} (too few samples "
+                f"for data.batch_size over {world} workers?)"
             )
-        if iteration < cfg.optim.max_iters:
-            guard.end_epoch(data_epoch)
-            data_epoch += 1
-    if tb is not None:
-        tb.close()
-    return {"iteration": iteration, "best": best, "history": history, "resumed_from": resumed_from}
+        if worker.iteration < cfg.optim.max_iters:
+            worker.guard.end_epoch(worker.data_epoch)
+            worker.data_epoch += 1
+    if worker.tb is not None:
+        worker.tb.close()
+    return worker.result()

@@ -36,7 +36,6 @@ def build_trainer(
     cfg: ExperimentConfig,
     datasets: dict[str, Any],
     *,
-    fault: dict[str, Any] | None = None,
     loop: Any = None,
     name: str | None = None,
     extra_config: dict[str, Any] | None = None,
@@ -47,7 +46,8 @@ def build_trainer(
 
     ``callbacks`` go into the ``RunConfig`` (a Tune sweep passes its ``TuneReportCallback``),
     after :class:`~hrt_ray.train.failures.FailFast`, which ends the run on a deterministic
-    worker failure instead of spending ``failure.max_failures`` retries on it.
+    worker failure instead of spending ``failure.max_failures`` retries on it. Ray runs a
+    ``WorkerCallback`` among them in every worker process (tests inject faults that way).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -93,7 +93,6 @@ def build_trainer(
         train_loop_config={
             "cfg": worker_config(cfg),
             "run_uri": run_uri(cfg),
-            "fault": fault or {},
             "val_panel": val_panel,
             **(extra_config or {}),
         },
@@ -184,7 +183,6 @@ def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
 def fit(
     cfg: ExperimentConfig,
     *,
-    fault: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     accept_config_change: bool = False,
     val_panel: Callable[..., Any] | None = None,
@@ -211,7 +209,7 @@ def fit(
     ).acquire()
     try:
         check_resume(cfg, accept_changes=accept_config_change)
-        return _fit(cfg, fault=fault, callbacks=callbacks, val_panel=val_panel)
+        return _fit(cfg, callbacks=callbacks, val_panel=val_panel)
     finally:
         lock.release()
 
@@ -219,7 +217,6 @@ def fit(
 def _fit(
     cfg: ExperimentConfig,
     *,
-    fault: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     val_panel: Callable[..., Any] | None = None,
 ) -> TrainSummary:
@@ -227,7 +224,7 @@ def _fit(
 
     with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
         datasets = prepare_data(cfg)
-        trainer = build_trainer(cfg, datasets, fault=fault, callbacks=callbacks, val_panel=val_panel)
+        trainer = build_trainer(cfg, datasets, callbacks=callbacks, val_panel=val_panel)
         hold.release()  # Train's own placement group takes the nodes over
         try:
             result = trainer.fit()

@@ -1,0 +1,108 @@
+"""Faults injected into Ray Train's workers from outside the production code (test-only).
+
+Ray Train V2 pickles every ``WorkerCallback`` of ``RunConfig(callbacks=...)`` to each worker
+actor and calls its ``after_init_train_context`` in the worker process, after the train context
+is set and before the training function starts (``ray/train/v2/_internal/execution/worker_group/
+worker.py``). There these callbacks wrap :func:`hrt_ray.train.loop.train_step`, which the loop
+looks up through its module globals at every call, so the fault hits the real loop:
+
+* :class:`CrashAt` ends the last rank's process (``os._exit(17)``, as a lost worker would) just
+  before it runs iteration ``k``, once per marker file: a restarted group runs on;
+* :class:`NanLossAt` makes the loss of iteration ``k`` NaN on every rank, so the production
+  non-finite-loss check (and the run's fail-fast path) fires.
+
+The iteration about to run is ``scheduler.last_epoch + 1``, as the step itself counts it, so a
+fault lands on the same iteration after a resume. The workers import ``hrt_ray`` but not this
+directory, so this module is pickled by value.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray.cloudpickle
+from ray.train.v2._internal.execution.callback import WorkerCallback
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _iteration_of(step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The iteration a ``train_step`` call is about to run."""
+    scheduler = inspect.signature(step).bind(*args, **kwargs).arguments["scheduler"]
+    return int(scheduler.last_epoch) + 1
+
+
+class _WrapTrainStep(WorkerCallback):
+    """Replaces ``hrt_ray.train.loop.train_step`` in the worker process; restores it on shutdown.
+
+    Subclasses define ``around(step, iteration, args, kwargs)``, which runs instead of each step.
+    """
+
+    def after_init_train_context(self) -> None:
+        from hrt_ray.train import loop
+
+        self._original = loop.train_step
+        original = self._original
+
+        def train_step(*args: Any, **kwargs: Any) -> Any:
+            return self.around(original, _iteration_of(original, args, kwargs), args, kwargs)
+
+        loop.train_step = train_step
+
+    def before_worker_shutdown(self) -> None:
+        from hrt_ray.train import loop
+
+        if getattr(self, "_original", None) is not None:
+            loop.train_step = self._original
+
+
+class CrashAt(_WrapTrainStep):
+    """The last rank's process exits before iteration ``iteration``, the first time only."""
+
+    def __init__(self, iteration: int, marker: Path) -> None:
+        self.iteration = iteration
+        self.marker = str(marker)
+
+    def around(
+        self, step: Callable[..., Any], iteration: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        last_rank = ctx.get_world_rank() == ctx.get_world_size() - 1
+        marker = Path(self.marker)
+        if iteration == self.iteration and last_rank and not marker.exists():
+            marker.write_text(f"crashed at iteration {iteration}\n")
+            os._exit(17)
+        return step(*args, **kwargs)
+
+
+class NanLossAt(_WrapTrainStep):
+    """The loss of iteration ``iteration`` is NaN (the real loss, times NaN), on every rank."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def around(
+        self, step: Callable[..., Any], iteration: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if iteration != self.iteration:
+            return step(*args, **kwargs)
+        from hrt_ray.train import loop
+
+        real_loss = loop.segmentation_loss
+
+        def poisoned(*a: Any, **kw: Any) -> Any:
+            loss, parts = real_loss(*a, **kw)
+            return loss * float("nan"), parts
+
+        loop.segmentation_loss = poisoned
+        try:
+            return step(*args, **kwargs)
+        finally:
+            loop.segmentation_loss = real_loss
