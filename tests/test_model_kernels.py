@@ -70,6 +70,23 @@ def test_upsample_concat_conv3x3_names_a_channel_mismatch() -> None:
         upsample_concat_conv3x3(xs, (8, 8), torch.randn(5, 9, 3, 3), None)
 
 
+def test_training_after_inference_in_the_same_process() -> None:
+    """Prediction (under ``torch.inference_mode``) first, then a training step, in one process:
+    the tap matrices the OCR head caches on the first call must not be inference tensors."""
+    from hrt_ray.models import build_model
+
+    upsample_conv._cached_tap_matrix.cache_clear()
+    torch.manual_seed(0)
+    model = build_model("hrt_tiny_ocr", num_classes=3)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model.eval()(images)
+    assert upsample_conv._cached_tap_matrix.cache_info().currsize > 0, "nothing cached: no test"
+    outputs = model.train()(images)
+    sum(o.float().sum() for o in outputs.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def _saved_bytes(fn, *args) -> int:
     seen: dict[int, int] = {}
 

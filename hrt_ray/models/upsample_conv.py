@@ -71,7 +71,11 @@ def _tap_matrix_f64(n_in: int, n_out: int) -> torch.Tensor:
 
 @lru_cache(maxsize=128)
 def _cached_tap_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _tap_matrix_f64(n_in, n_out).to(device=device, dtype=dtype)
+    # A normal tensor even when first asked for under ``torch.inference_mode`` (prediction,
+    # evaluation): a cached inference tensor would make every later training step in the same
+    # process fail ("Inference tensors cannot be saved for backward").
+    with torch.inference_mode(False):
+        return _tap_matrix_f64(n_in, n_out).to(device=device, dtype=dtype)
 
 
 def tap_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
