@@ -137,7 +137,12 @@ class LoopbackCluster:
         )
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read_events, daemon=True).start()
-        head = self._expect("head", timeout=90)
+        try:
+            head = self._expect("head", timeout=90)
+        except RuntimeError:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the helper and its nodes
+            self.proc.wait(timeout=30)
+            raise
         self.gcs, self.head_id, self.head_ip = head["gcs"], head["node_id"], head["ip"]
         self.workers: list[str] = []
         self._added = 0
@@ -319,8 +324,17 @@ def wait_for_checkpoint(run_dir: Path, min_iteration: int, timeout: float) -> No
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
-    root = Path(tempfile.mkdtemp(prefix="hmn", dir="/tmp"))  # short: Ray's socket path limit
-    handle = LoopbackCluster(root)
+    # The head's raylet gets Ray's fixed 30 s to register with its GCS: on a saturated machine
+    # that can time out, and a fresh attempt usually comes up.
+    for attempt in range(3):
+        root = Path(tempfile.mkdtemp(prefix="hmn", dir="/tmp"))  # short: Ray's socket path limit
+        try:
+            handle = LoopbackCluster(root)
+            break
+        except RuntimeError:
+            shutil.rmtree(root, ignore_errors=True)
+            if attempt == 2:
+                raise
     try:
         for _ in range(3):
             handle.add_worker_node()
