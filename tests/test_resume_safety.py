@@ -7,6 +7,7 @@ Real local Ray (the session instance), tiny runs as in test_train_ray.py.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -45,8 +46,16 @@ def test_changed_lr_is_refused_then_accepted_and_really_applies(
     from hrt_ray.train.trainer import fit
 
     runs = str(tmp_path / "runs")
-    first = fit(tiny_config(data_dir, runs, "lr", "optim.max_iters=2"))
+    held: list[dict] = []
+
+    def finish(summary):  # the CLI evaluates and writes summary.json here: still under the lock
+        held.append(json.loads((Path(summary.run_dir) / LOCK_FILE).read_text()))
+        return summary
+
+    first = fit(tiny_config(data_dir, runs, "lr", "optim.max_iters=2"), finish=finish)
     assert first.iteration == 2
+    assert [h["pid"] for h in held] == [os.getpid()], "finish ran while this run held the lock"
+    assert not (Path(first.run_dir) / LOCK_FILE).exists(), "released after finish"
     run_dir = Path(first.run_dir)
 
     # More iterations and another eval interval are resume-safe; a new lr is not.

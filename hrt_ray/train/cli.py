@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from hrt_ray.ray_local import ensure_ray, logs_dir
     from hrt_ray.train.paths import run_uri
     from hrt_ray.train.progress import Progress, relay_callbacks
-    from hrt_ray.train.trainer import TrainError, fit
+    from hrt_ray.train.trainer import TrainError, TrainSummary, fit
 
     verbose = bool(getattr(args, "verbose", False))
     ensure_ray(verbose=verbose)
@@ -166,6 +166,26 @@ def run(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="hrt-train-"))
     relay, driver_log = str(scratch / "reports.jsonl"), scratch / "driver.log"
     log_uri = f"{run_uri(cfg)}/logs/driver.log"
+    evaluated: list[Any] = []  # the final checkpoint's evaluation, printed once the run is over
+
+    def finish(summary: TrainSummary) -> TrainSummary:
+        """Evaluation and ``summary.json``, written while the run lock is still held."""
+        if not args.no_eval and summary.checkpoint:
+            try:
+                result = evaluate_checkpoint(cfg, summary.checkpoint)
+            except TrainError as exc:
+                raise TrainError(f"evaluation failed: {exc}") from exc
+            evaluated.append(result)
+            done = {"mIoU": result.miou, "setting": result.setting, "json": result.json_uri}
+            summary = replace(summary, eval={**done, "scales": result.scales})
+        summary = replace(summary, target=cfg.target)
+        storage.write_bytes(
+            f"{summary.run_dir}/summary.json",
+            json.dumps(summary.as_json(), indent=2).encode(),
+            cfg.storage.endpoint,
+        )
+        return summary
+
     try:
         with console_to(driver_log, enabled=not verbose) as console:
             progress = Progress(relay, cfg.optim.max_iters, cfg.checkpoint.metric, stream=console)
@@ -178,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
                         ),
                         accept_config_change=args.accept_config_change,
                         val_panel=add_tensorboard_panel,
+                        finish=finish,
                     )
                 )
     except Interrupted as exc:
@@ -208,24 +229,8 @@ def run(args: argparse.Namespace) -> int:
         _keep_log(driver_log, log_uri, cfg.storage.endpoint)
         raise
     _keep_log(driver_log, log_uri, cfg.storage.endpoint)
-    if not args.no_eval and summary.checkpoint:
-        try:
-            with console_to(driver_log, enabled=not verbose):
-                result = evaluate_checkpoint(cfg, summary.checkpoint)
-        except TrainError as exc:
-            print(f"error: evaluation failed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            _keep_log(driver_log, log_uri, cfg.storage.endpoint)
+    for result in evaluated:
         print(result.table())
-        evaluated = {"mIoU": result.miou, "setting": result.setting, "json": result.json_uri}
-        summary = replace(summary, eval={**evaluated, "scales": result.scales})
-    summary = replace(summary, target=cfg.target)
-    storage.write_bytes(
-        f"{summary.run_dir}/summary.json",
-        json.dumps(summary.as_json(), indent=2).encode(),
-        cfg.storage.endpoint,
-    )
     print("\n".join(summary.lines()))
     if not verbose:
         print(f"driver log     {log_uri}")

@@ -186,12 +186,15 @@ def fit(
     callbacks: list[Any] | None = None,
     accept_config_change: bool = False,
     val_panel: Callable[..., Any] | None = None,
+    finish: Callable[[TrainSummary], TrainSummary] | None = None,
 ) -> TrainSummary:
     """Train (or resume) the run of ``cfg`` on the connected Ray cluster; raise :class:`TrainError`.
 
     Holds the run lock for the whole run (a second run of the same name refuses, naming the
     holder) and, on a resume, refuses a changed config before anything is scheduled unless
-    ``accept_config_change`` (see :mod:`hrt_ray.train.resume`).
+    ``accept_config_change`` (see :mod:`hrt_ray.train.resume`). ``finish`` (the CLI's evaluation
+    of the final checkpoint and its ``summary.json``) runs on the summary before the lock is
+    released, so no second run of the same name writes into the directory in between.
 
     A deterministic worker failure (see :mod:`hrt_ray.train.failures`) is not retried: an input
     error (config, data, spec, checkpoint) is raised as itself, others as :class:`TrainError`.
@@ -209,7 +212,8 @@ def fit(
     ).acquire()
     try:
         check_resume(cfg, accept_changes=accept_config_change)
-        return _fit(cfg, callbacks=callbacks, val_panel=val_panel)
+        summary = _fit(cfg, callbacks=callbacks, val_panel=val_panel)
+        return finish(summary) if finish is not None else summary
     finally:
         lock.release()
 
