@@ -228,13 +228,19 @@ def run(args: argparse.Namespace) -> int:
     except Exception:
         _keep_log(driver_log, log_uri, cfg.storage.endpoint)
         raise
+    logs = logs_dir()
+    if not verbose:
+        # Ray prints the raylet notices it held back for deduplication when the driver
+        # disconnects: let that happen now, into the run's log, not after the summary.
+        with console_to(driver_log, enabled=True):
+            _shutdown_ray()
     _keep_log(driver_log, log_uri, cfg.storage.endpoint)
     for result in evaluated:
         print(result.table())
     print("\n".join(summary.lines()))
     if not verbose:
         print(f"driver log     {log_uri}")
-    if logs := logs_dir():
+    if logs:
         print(f"worker logs    {logs}" + ("" if verbose else " (on the console with -v)"))
     return 0
 
