@@ -26,22 +26,22 @@ from typing import Any, TextIO
 from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
+from hrt_ray.train.failures import describe
+
 #: Seconds between looks at the relay file.
 POLL_S = 0.5
 
 
 def failure_source(error: BaseException) -> str:
-    """The failure budget Ray Train charges ``error`` to, as its ``DefaultFailurePolicy`` decides:
-    a preemption (a ``PreemptionError``, or a worker group whose dead actor was preempted), a
-    worker group failure, or a controller error (a worker group that could not start)."""
-    from ray.train import ControllerError, PreemptionError, WorkerGroupError
+    """The failure budget Ray Train charges ``error`` to, by its ``DefaultFailurePolicy``'s own
+    test: a preemption (a ``PreemptionError``, or a worker group whose dead actor was
+    preempted), a worker group failure, or a controller error (a group that could not start)."""
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
 
-    if isinstance(error, PreemptionError):
+    if _is_preemption_failure(error):
         return "preemption"
     if isinstance(error, WorkerGroupError):
-        failures = getattr(error, "worker_failures", {}) or {}
-        if any(getattr(e, "preempted", False) for e in failures.values()):
-            return "preemption"
         return "worker group"
     if isinstance(error, ControllerError):
         return "controller"
@@ -88,8 +88,6 @@ class RestartRelay(_Relay, ControllerCallback):
         self.workers: int | None = None
 
     def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
-        from hrt_ray.train.failures import describe
-
         kind = type(current_state).__name__
         if kind in ("RestartingState", "ReschedulingState"):
             error = current_state.training_failed_error
