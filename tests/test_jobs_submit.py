@@ -297,6 +297,10 @@ def isolated_cluster() -> Iterator[IsolatedCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+#: Ray's message when a node cannot fetch the job's working-dir package from the GCS.
+PACKAGE_GONE = "Failed to download runtime_env file package"
+
+
 def _submit(cluster: IsolatedCluster, cmd: list[str]) -> subprocess.CompletedProcess[str]:
     """`ray job submit`, retried only while the head's job agent is still starting (loaded box)."""
     deadline = time.monotonic() + 240
@@ -349,10 +353,15 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
         "--working-dir", str(repo),
         "--runtime-env", str(repo / RUNTIME_ENV),
     ]  # fmt: skip
-    ok = _submit(
-        cluster, [*submit, "--submission-id", "hrt-iso-ok", "--", "bash", "-c", f"{script} --no-eval"]
-    )
-    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "hrt-iso-ok").stdout
+    for sid in ("hrt-iso-ok", "hrt-iso-ok-again"):
+        ok = _submit(cluster, [*submit, "--submission-id", sid, "--", "bash", "-c", f"{script} --no-eval"])
+        logs = cluster.ray("job", "logs", "--address", cluster.dashboard, sid).stdout
+        # Ray's own race (ray-project/ray#36703, open): seconds after a fresh cluster starts, a
+        # node's runtime-env agent may find the just-uploaded working-dir package gone from the
+        # GCS. It names no file of ours and a resubmission is what Ray's message advises; the
+        # package's contents are checked below either way.
+        if ok.returncode == 0 or PACKAGE_GONE not in ok.stdout + ok.stderr + logs:
+            break
     assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:]
 
     lines = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(("HRT_RAY_", "SHIPPED")))

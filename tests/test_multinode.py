@@ -441,7 +441,8 @@ def test_preempted_node_is_survived_elastically_without_spending_max_failures(
     """
     runs = tmp_path / "runs"
     run_dir = runs / "spot"
-    every, total = 6, 24
+    # Long enough that the run is still going at the preemption deadline on a fast box.
+    every, total = 6, 48
     before = {a.actor_id for a in train_worker_actors(cluster)}
     submit(
         cluster,
@@ -453,9 +454,15 @@ def test_preempted_node_is_survived_elastically_without_spending_max_failures(
     alive = [a for a in train_worker_actors(cluster) if a.actor_id not in before and a.state == "ALIVE"]
     assert len(alive) == 2, alive
     victim = alive[-1].node_id
-    cluster.drain_for_preemption(victim, deadline_s=10)
+    # The newest checkpoint before the notice is sent; the notice must bring a later one. The
+    # deadline leaves a loaded 2-core box time for the `ray drain-node` CLI to start, the
+    # watcher's 5 s poll, and one more iteration with its checkpoint (10 s was seen too short).
     noticed = max(s["iteration"] for s in checkpoint_states(run_dir))
-    time.sleep(12)  # past the deadline: the cloud now takes the machine away
+    deadline_s = 20
+    sent = time.monotonic()
+    cluster.drain_for_preemption(victim, deadline_s=deadline_s)
+    wait_for_checkpoint(run_dir, noticed + 1, timeout=deadline_s)
+    time.sleep(max(0.0, sent + deadline_s + 2 - time.monotonic()))  # the cloud takes the machine
     cluster.remove_node(victim)
     status, logs = wait_job(cluster, "spot", timeout=600)
     assert status == "SUCCEEDED", logs[-4000:]
