@@ -103,7 +103,9 @@ def test_restarts_preemptions_and_resizes_are_printed_with_their_budget(tmp_path
         info = PreemptionInfo(
             deadline_ms=int(time.time() * 1000) + 10_000, preempted_node_to_ranks={"ab" * 28: [1]}
         )
-        cb.after_controller_state_update(running, PreemptingState(info, time.time()))
+        # The controller re-enters the preempting state at every poll: still one line.
+        for _ in range(3):
+            cb.after_controller_state_update(running, PreemptingState(info, time.time()))
         cb.after_controller_state_update(running, RestartingState(PreemptionError(info)))
         cb.after_controller_state_update(None, SchedulingState(ResizeDecision(1, {"CPU": 1})))
         cb.after_controller_state_update(running, RestartingState(lost))

@@ -86,6 +86,7 @@ class RestartRelay(_Relay, ControllerCallback):
         self.limits = {"worker group": max_failures, "preemption": max_preemption_failures}
         self.counts: dict[str, int] = {}
         self.workers: int | None = None
+        self.notice: tuple[Any, ...] | None = None  # the preemption last written (one line each)
 
     def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
         kind = type(current_state).__name__
@@ -98,10 +99,17 @@ class RestartRelay(_Relay, ControllerCallback):
                 row["limit"] = self.limits[source]
             row["detail"] = describe(error)
             self._write(row)
+            self.notice = None
         elif kind == "PreemptingState":
+            # The controller re-enters this state at every poll until the deadline: one line per
+            # notice, again only when more ranks or nodes are affected.
             info = current_state.preemption_info
             ranks = sorted(r for rs in info.preempted_node_to_ranks.values() for r in rs)
-            row = {"event": "preempting", "ranks": ranks, "nodes": [n[:8] for n in info.preempted_node_ids]}
+            nodes = sorted(info.preempted_node_ids)
+            if (ranks, nodes) == self.notice:
+                return
+            self.notice = (ranks, nodes)
+            row = {"event": "preempting", "ranks": ranks, "nodes": [n[:8] for n in nodes]}
             if info.deadline_ms is not None:
                 row["deadline_in_s"] = round(info.deadline_ms / 1000 - time.time(), 1)
             self._write(row)
