@@ -150,3 +150,50 @@ def test_the_graph_is_read(module: str) -> None:
     """The walk sees imports (so an empty graph cannot pass the tests above)."""
     assert GRAPH[module] or module == "hrt_ray.config"
     assert "hrt_ray.config" in GRAPH["hrt_ray.train.loop"]
+
+
+#: What a deferred import must say on the line above it.
+DEFERRED = "# deferred:"
+
+
+def _in_function_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import statement inside a function (nested ones once)."""
+    found: dict[int, str] = {}
+    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                found[node.lineno] = ", ".join(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                found[node.lineno] = "." * node.level + (node.module or "")
+    return sorted(found.items())
+
+
+def test_imports_stand_at_module_top_unless_deferred_with_a_reason() -> None:
+    """An import inside a function hides a dependency and a cycle; only start-up time excuses it.
+
+    The CLI answers ``--help`` and config mistakes before torch or Ray load, so the command modules
+    defer those imports; each such import says why on the line above (``# deferred: <reason>``).
+    """
+    undeclared = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for lineno, module in _in_function_imports(path):
+            above = lines[lineno - 2].strip() if lineno > 1 else ""
+            if not (above.startswith(DEFERRED) and above[len(DEFERRED) :].strip()):
+                undeclared.append(f"{path.relative_to(PACKAGE.parent)}:{lineno} {module}")
+    assert not undeclared, (
+        f"{len(undeclared)} in-function imports without a '{DEFERRED} <reason>' line above them "
+        "(move them to the module top):\n" + "\n".join(undeclared)
+    )
+
+
+def test_the_deferred_import_check_sees_function_imports(tmp_path: Path) -> None:
+    """The walk finds imports in methods and nested functions (so an empty walk cannot pass)."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import os\n\nclass A:\n    def f(self):\n        import json\n\n"
+        "        def g():\n            from . import x\n        return g\n"
+    )
+    assert _in_function_imports(sample) == [(5, "json"), (8, ".")]
