@@ -156,33 +156,45 @@ def test_the_graph_is_read(module: str) -> None:
 DEFERRED = "# deferred:"
 
 
-def _in_function_imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` of every import statement inside a function (nested ones once)."""
-    found: dict[int, str] = {}
-    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+def _in_function_imports(path: Path) -> list[tuple[int, str, str]]:
+    """``(line, module, comment)`` of every import statement inside a function (nested ones once).
+
+    ``comment`` is the line above the import, or above the run of import statements it closes
+    (one ``# deferred:`` line may stand over a group of imports that share the reason).
+    """
+    text = path.read_text()
+    lines = text.splitlines()
+    found: dict[int, tuple[int, str]] = {}
+    for fn in ast.walk(ast.parse(text, str(path))):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         for node in ast.walk(fn):
             if isinstance(node, ast.Import):
-                found[node.lineno] = ", ".join(a.name for a in node.names)
+                found[node.lineno] = (node.end_lineno or node.lineno, ", ".join(a.name for a in node.names))
             elif isinstance(node, ast.ImportFrom):
-                found[node.lineno] = "." * node.level + (node.module or "")
-    return sorted(found.items())
+                found[node.lineno] = (node.end_lineno or node.lineno, "." * node.level + (node.module or ""))
+    covered = {i for start, (end, _) in found.items() for i in range(start, end + 1)}
+    out = []
+    for start, (_, module) in sorted(found.items()):
+        above = start - 1
+        while above in covered:
+            above -= 1
+        out.append((start, module, lines[above - 1].strip() if above >= 1 else ""))
+    return out
 
 
 def test_imports_stand_at_module_top_unless_deferred_with_a_reason() -> None:
     """An import inside a function hides a dependency and a cycle; only start-up time excuses it.
 
     The CLI answers ``--help`` and config mistakes before torch or Ray load, so the command modules
-    defer those imports; each such import says why on the line above (``# deferred: <reason>``).
+    defer those imports; each says why on the line above (``# deferred: <reason>``).
     """
-    undeclared = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        lines = path.read_text().splitlines()
-        for lineno, module in _in_function_imports(path):
-            above = lines[lineno - 2].strip() if lineno > 1 else ""
-            if not (above.startswith(DEFERRED) and above[len(DEFERRED) :].strip()):
-                undeclared.append(f"{path.relative_to(PACKAGE.parent)}:{lineno} {module}")
+    undeclared = [
+        f"{path.relative_to(PACKAGE.parent)}:{lineno} {module}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for lineno, module, comment in _in_function_imports(path)
+        if not (comment.startswith(DEFERRED) and comment[len(DEFERRED) :].strip())
+    ]
     assert not undeclared, (
         f"{len(undeclared)} in-function imports without a '{DEFERRED} <reason>' line above them "
         "(move them to the module top):\n" + "\n".join(undeclared)
@@ -194,6 +206,13 @@ def test_the_deferred_import_check_sees_function_imports(tmp_path: Path) -> None
     sample = tmp_path / "sample.py"
     sample.write_text(
         "import os\n\nclass A:\n    def f(self):\n        import json\n\n"
-        "        def g():\n            from . import x\n        return g\n"
+        "        def g():\n            # deferred: why\n            from . import x\n"
+        "            from a import (\n                b,\n            )\n"
+        "            import c\n        return g\n"
     )
-    assert _in_function_imports(sample) == [(5, "json"), (8, ".")]
+    assert _in_function_imports(sample) == [
+        (5, "json", "def f(self):"),
+        (9, ".", "# deferred: why"),
+        (10, "a", "# deferred: why"),
+        (13, "c", "# deferred: why"),
+    ]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hrt_ray import storage
 from hrt_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -42,6 +43,7 @@ from hrt_ray.config import (
     suggest,
     to_dict,
 )
+from hrt_ray.train.paths import worker_config
 
 #: File in the sweep directory holding the resolved sweep (what ``--resume`` runs).
 SWEEP_FILE = "sweep.yaml"
@@ -282,8 +284,6 @@ class Sweep:
     @property
     def storage(self) -> str:
         """The parent of the sweep directory, absolute if local."""
-        from hrt_ray import storage
-
         root = self.config.storage or f"{self.base.storage.path.rstrip('/')}/sweeps"
         return root.rstrip("/") if storage.is_remote(root) else str(Path(root).expanduser().resolve())
 
@@ -359,8 +359,6 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
 
 def load_saved_sweep(uri: str, endpoint: str | None = None) -> Sweep:
     """The sweep saved in a sweep directory (``--resume DIR``)."""
-    from hrt_ray import storage
-
     file_uri = f"{uri.rstrip('/')}/{SWEEP_FILE}"
     try:
         data = yaml.safe_load(storage.read_bytes(file_uri, endpoint))
@@ -384,8 +382,6 @@ def sweep_from_saved(data: Any, source: str = "saved sweep") -> Sweep:
 
 def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
     """Absolute local paths (trials run elsewhere), then every cross-key check."""
-    from hrt_ray.train.paths import worker_config
-
     base = from_dict(worker_config(base), source="experiment")
     # Saved absolute, so `--resume DIR` from another directory finds the same sweep.
     storage_root = Sweep(config=cfg, base=base, source=source).storage
@@ -399,6 +395,7 @@ def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
 
 def _check_against_base(sweep: Sweep) -> None:
     cfg, base = sweep.config, sweep.base
+    # deferred: the model registry imports torch; a mistake in the sweep file is reported before it loads
     from hrt_ray.models import list_models
 
     models = list_models()
