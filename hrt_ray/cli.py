@@ -13,6 +13,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from hrt_ray.config import ConfigError
+
 # name -> (module holding add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hrt_ray.data.cli", "Prepare, check or synthesise dataset shards (local, s3://, gs://)."),
@@ -20,9 +22,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hrt_ray.train.cli", "Train (or resume) a run on Ray Train, evaluate it, print a summary."),
     "eval": ("hrt_ray.eval.cli", "Evaluate a checkpoint: per-class IoU table, JSON/CSV beside it."),
     "tune": ("hrt_ray.tune.cli", "Sweep window size x learning rate with Ray Tune: table + plot of trials."),
-    "predict": ("hrt_ray.infer.predict", "Batch inference over a folder/bucket on Ray Data: label PNGs."),
-    "visualize": ("hrt_ray.infer.visualize", "Picture: input | truth | prediction | errors of val samples."),
-    "export": ("hrt_ray.infer.export", "Export a checkpoint to TorchScript or ONNX, checked against eager."),
+    "predict": ("hrt_ray.infer.predict_cli", "Batch inference over a folder/bucket on Ray Data: label PNGs."),
+    "visualize": (
+        "hrt_ray.infer.visualize_cli", "Picture: input | truth | prediction | errors of val samples."
+    ),
+    "export": (
+        "hrt_ray.infer.export_cli", "Export a checkpoint to TorchScript or ONNX, checked against eager."
+    ),
     "config": ("hrt_ray.config_cli", "Show the resolved experiment config; check the job runtime env."),
 }
 
@@ -54,8 +60,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     Imported only once a command failed, so a typo in a config stays a sub-second answer.
     """
-    from hrt_ray.config import ConfigError
-
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for module, names in (
         ("hrt_ray.data.codec", ("DataError",)),

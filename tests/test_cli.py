@@ -52,3 +52,10 @@ def test_sizes_parse_as_height_by_width_and_bad_ones_name_the_value():
     for bad in ("512", "axb", "0x5", "1x2x3"):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
             parse_hw(bad)
+
+
+def test_export_format_choices_match_the_exporter():
+    """``hrt-ray export --format`` lists the exporter's formats without importing it (torch)."""
+    from hrt_ray.infer import export, export_cli
+
+    assert export_cli.FORMAT_CHOICES == tuple(export.FORMATS)

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 def _is_cli(module: str) -> bool:
     last = module.rsplit(".", 1)[-1]
-    return last in {"cli", "config_cli", "__main__"}
+    return last in {"cli", "__main__"} or last.endswith("_cli")
 
 
 def _module_name(path: Path) -> str:
@@ -159,8 +159,9 @@ DEFERRED = "# deferred:"
 def _in_function_imports(path: Path) -> list[tuple[int, str, str]]:
     """``(line, module, comment)`` of every import statement inside a function (nested ones once).
 
-    ``comment`` is the line above the import, or above the run of import statements it closes
-    (one ``# deferred:`` line may stand over a group of imports that share the reason).
+    ``comment`` is the line above the import, or above the group of import statements it belongs
+    to (one ``# deferred:`` line may stand over imports that share the reason, sorted into
+    sections by blank lines).
     """
     text = path.read_text()
     lines = text.splitlines()
@@ -176,8 +177,8 @@ def _in_function_imports(path: Path) -> list[tuple[int, str, str]]:
     covered = {i for start, (end, _) in found.items() for i in range(start, end + 1)}
     out = []
     for start, (_, module) in sorted(found.items()):
-        above = start - 1
-        while above in covered:
+        above = start - 1  # up through the imports of the group (and the blank lines between them)
+        while above in covered or (not lines[above - 1].strip() and above - 1 in covered):
             above -= 1
         out.append((start, module, lines[above - 1].strip() if above >= 1 else ""))
     return out
@@ -207,12 +208,13 @@ def test_the_deferred_import_check_sees_function_imports(tmp_path: Path) -> None
     sample.write_text(
         "import os\n\nclass A:\n    def f(self):\n        import json\n\n"
         "        def g():\n            # deferred: why\n            from . import x\n"
-        "            from a import (\n                b,\n            )\n"
-        "            import c\n        return g\n"
+        "            from a import (\n                b,\n            )\n\n"
+        "            import c\n            g()\n\n            import d\n        return g\n"
     )
     assert _in_function_imports(sample) == [
         (5, "json", "def f(self):"),
         (9, ".", "# deferred: why"),
         (10, "a", "# deferred: why"),
-        (13, "c", "# deferred: why"),
+        (14, "c", "# deferred: why"),
+        (17, "d", ""),
     ]

@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -59,8 +60,7 @@ def _start_moto() -> tuple[subprocess.Popen, str]:
 
 def _loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: ``checkpoints`` x (simulated work, report); each rank times its reports."""
-    import tempfile
-
+    # deferred: `hrt-ray --help` imports every benchmark module; torch and Ray Train load when this one runs
     import ray.train
     import torch
     import torch.distributed as dist
@@ -74,6 +74,7 @@ def _loop(config: dict[str, Any]) -> dict[str, Any]:
     mode = CheckpointUploadMode.ASYNC if config["mode"] == "async" else CheckpointUploadMode.SYNC
     state: dict[str, Any] | None = None
     if rank == 0:
+        # deferred: `hrt-ray --help` imports every benchmark module; the models import torch
         from hrt_ray.models import build_model
 
         model = build_model(config["arch"], 19)
@@ -104,6 +105,7 @@ def _loop(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_mode(mode: str, args: argparse.Namespace, storage: str) -> dict[str, Any]:
+    # deferred: `hrt-ray --help` imports every benchmark module; Ray Train loads when this one runs
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -133,6 +135,7 @@ def _run_mode(mode: str, args: argparse.Namespace, storage: str) -> dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports every benchmark module; Ray loads when this one runs
     import ray
 
     if args.checkpoints < 1 or args.workers < 1:
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     env: dict[str, str] = {}
     try:
         if storage is None:
+            # deferred: boto3 is a dev dependency, needed only to create the benchmark's bucket on moto
             import boto3
 
             moto, endpoint = _start_moto()

@@ -11,9 +11,11 @@ crops column counts the crops timed). Per-core figures divide by ``procs``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-from hrt_ray.config import parse_hw
+from hrt_ray.config import load_config, parse_hw
+from hrt_ray.data.specs import get_spec, spec_from_dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,10 +47,12 @@ class _ShardDataset:
     """Map-style torch dataset over the shards: one row group cached per worker process."""
 
     def __init__(self, src: str, endpoint: str | None, spec, params):
+        # deferred: `hrt-ray --help` imports every benchmark module; shards import pyarrow and cv2
         from hrt_ray.data.shards import read_manifest, shard_uris
 
         self.src, self.endpoint, self.spec, self.params = src, endpoint, spec, params
         self.index: list[tuple[str, int, int]] = []
+        # deferred: `hrt-ray --help` imports every benchmark module; pyarrow loads when this one runs
         import pyarrow.parquet as pq
 
         from hrt_ray import storage
@@ -66,6 +70,7 @@ class _ShardDataset:
         return len(self.index)
 
     def _row_group(self, uri: str, rg: int):
+        # deferred: `hrt-ray --help` imports every benchmark module; pyarrow loads when this one runs
         import pyarrow.parquet as pq
 
         from hrt_ray import storage
@@ -77,6 +82,7 @@ class _ShardDataset:
         return self._cache[2]
 
     def __getitem__(self, i: int):
+        # deferred: `hrt-ray --help` imports every benchmark module; torch and albumentations load here
         import torch
 
         from hrt_ray.data.pipeline import _decode_pair, record_seed
@@ -95,6 +101,7 @@ class _ShardDataset:
 
 
 def _bench_torch(src: str, endpoint: str | None, spec, params, procs: int, batch: int, epochs: int) -> tuple:
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
     from torch.utils.data import DataLoader
 
@@ -111,9 +118,9 @@ def _bench_torch(src: str, endpoint: str | None, spec, params, procs: int, batch
 
 def _bench_ray(src: str, endpoint: str | None, dataset: str | None, crop, procs: int, batch: int,
                epochs: int) -> tuple:
+    # deferred: `hrt-ray --help` imports every benchmark module; Ray Data loads when this one runs
     import ray
 
-    from hrt_ray.config import load_config
     from hrt_ray.data.pipeline import build_datasets, iter_batches
 
     ray.init(num_cpus=procs, include_dashboard=False, log_to_driver=False,
@@ -135,10 +142,8 @@ def _bench_ray(src: str, endpoint: str | None, dataset: str | None, crop, procs:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    # deferred: `hrt-ray --help` imports every benchmark module; pyarrow and albumentations load here
     from hrt_ray.data.shards import read_manifest
-    from hrt_ray.data.specs import get_spec, spec_from_dict
     from hrt_ray.data.transforms import AugmentParams
 
     manifest = read_manifest(args.src, args.endpoint)

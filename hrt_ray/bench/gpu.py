@@ -33,6 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from hrt_ray.bench.model import _measure_in_child
+from hrt_ray.config import load_config
+
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor datasheets, TFLOP/s. Matched in order
 # against torch.cuda.get_device_name(), so the more specific names come first.
 DENSE_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -79,6 +85,7 @@ def datasheet_peak(name: str) -> float | None:
 
 def measured_matmul_peak(n: int = 8192, iters: int = 20) -> float:
     """Dense bf16 matmul TFLOP/s measured on this GPU (the best of ``iters``)."""
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -162,11 +169,9 @@ def _train_default_job(work: Path) -> dict[str, Any]:
 
 def _predict_and_export(work: Path, checkpoint: str) -> dict[str, Any]:
     """``hrt-ray predict`` on the GPU and the export parity check, the TorchScript file run on the GPU."""
-    import numpy as np
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
-    from PIL import Image
 
-    from hrt_ray.config import load_config
     from hrt_ray.data import resolve_num_classes
     from hrt_ray.infer.model import load_model
 
@@ -247,6 +252,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
 
     if not torch.cuda.is_available():
@@ -257,8 +263,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from hrt_ray.bench.model import _measure_in_child
-
     began = time.perf_counter()
     name = torch.cuda.get_device_name()
     measured = measured_matmul_peak()

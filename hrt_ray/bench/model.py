@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import multiprocessing as mp
+import os
+import platform
+import resource
 import statistics
 import sys
 import time
@@ -74,6 +78,7 @@ def build_official_model(src: str, arch: str, num_classes: int, window_size: int
     small stand-ins are registered for those when they cannot be imported. The backbone selector
     (which imports every backbone family) is replaced by one that builds the HRT backbone.
     """
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
     from torch import nn
 
@@ -143,6 +148,7 @@ def build_official_model(src: str, arch: str, num_classes: int, window_size: int
 
 def _plain_batchnorm(module):
     """Replace ``SyncBatchNorm`` by ``BatchNorm2d`` (same keys and state) for single-process runs."""
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     from torch import nn
 
     for name, child in module.named_children():
@@ -159,6 +165,7 @@ def _plain_batchnorm(module):
 
 def _official_as_dict(net):
     """Wrap the official network so it returns our ``{"out", "aux"}`` dict instead of ``(aux, out)``."""
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     from torch import nn
 
     class OfficialAsDict(nn.Module):
@@ -187,6 +194,7 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 def count_flops(model, images) -> int:
     """Forward FLOPs (one multiply-add = 2), attention included."""
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -201,14 +209,11 @@ def count_flops(model, images) -> int:
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
-        import os
-
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    import resource
-
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     import torch
 
     if spec["threads"]:
@@ -223,6 +228,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["checkpointing"]:
             raise ValueError("--checkpointing applies to hrt-ray's model only")
     else:
+        # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
         from hrt_ray.models import build_model
 
         model = build_model(
@@ -244,6 +250,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     flops = count_flops(model, images)
     nominal_flops = flops
     if spec["impl"] != "official":
+        # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
         from hrt_ray.models.upsample_conv import factorisation
 
         with factorisation(False):  # the published arithmetic: upsample, concatenate, convolve
@@ -318,8 +325,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cpu_name() -> str:
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -338,8 +343,6 @@ def _child(spec: dict[str, Any], queue) -> None:
 
 
 def _measure_in_child(spec: dict[str, Any]) -> dict[str, Any]:
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(spec, queue))
@@ -354,6 +357,7 @@ def _gib(n: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
     from hrt_ray.models import list_models
 
     if args.arch not in list_models():

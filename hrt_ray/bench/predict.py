@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import tempfile
 
+from hrt_ray.config import load_config, parse_hw
+from hrt_ray.ray_local import ensure_ray
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hrt_ray.config import parse_hw
-
     parser.add_argument("--config", "-c", help="experiment YAML (model, dataset, eval.* setting)")
     parser.add_argument(
         "--checkpoint", help="checkpoint to use (default: random weights of the config's arch)"
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_inputs(folder: str, num: int, size: tuple[int, int], classes: int) -> None:
+    # deferred: `hrt-ray --help` imports every benchmark module; torch, Ray and cv2 load when this one runs
     from hrt_ray.data.codec import encode_png
     from hrt_ray.data.synth import draw_scene
 
@@ -45,16 +48,12 @@ def _write_inputs(folder: str, num: int, size: tuple[int, int], classes: int) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    import platform
-
+    # deferred: `hrt-ray --help` imports every benchmark module; torch, Ray and cv2 load when this one runs
     import torch
 
-    from hrt_ray.config import load_config
     from hrt_ray.data import resolve_num_classes
     from hrt_ray.infer.predict import cluster_gpus, run_predict
     from hrt_ray.models import build_model
-    from hrt_ray.ray_local import ensure_ray
-
     cfg = load_config(args.config, args.overrides)
     num_classes = resolve_num_classes(cfg)
     ensure_ray()

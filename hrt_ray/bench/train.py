@@ -19,6 +19,9 @@ import os
 import tempfile
 import time
 
+from hrt_ray.config import load_config
+from hrt_ray.ray_local import ensure_ray
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="experiment YAML (default: the embedded default)")
@@ -32,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plain(cfg, datasets, total_iters: int, warmup: int, threads: int) -> dict[str, float]:
+    # deferred: `hrt-ray --help` imports every benchmark module; torch and Ray Train load when this one runs
     import torch
 
     from hrt_ray.data import iter_batches, resolve_num_classes
@@ -74,8 +78,7 @@ def _plain(cfg, datasets, total_iters: int, warmup: int, threads: int) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-    from hrt_ray.ray_local import ensure_ray
+    # deferred: `hrt-ray --help` imports every benchmark module; torch and Ray Train load when this one runs
     from hrt_ray.train.trainer import build_trainer, prepare_data
 
     total = args.iters + args.warmup
