@@ -58,4 +58,4 @@ def test_export_format_choices_match_the_exporter():
     """``hrt-ray export --format`` lists the exporter's formats without importing it (torch)."""
     from hrt_ray.infer import export, export_cli
 
-    assert export_cli.FORMAT_CHOICES == tuple(export.FORMATS)
+    assert tuple(export.FORMATS) == export_cli.FORMAT_CHOICES
