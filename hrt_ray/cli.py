@@ -18,7 +18,7 @@ from hrt_ray.config import ConfigError
 # name -> (module holding add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hrt_ray.data.cli", "Prepare, check or synthesise dataset shards (local, s3://, gs://)."),
-    "bench": ("hrt_ray.bench", "Print speed/memory figures (model, data, train)."),
+    "bench": ("hrt_ray.bench.cli", "Print speed/memory figures (model, data, train)."),
     "train": ("hrt_ray.train.cli", "Train (or resume) a run on Ray Train, evaluate it, print a summary."),
     "eval": ("hrt_ray.eval.cli", "Evaluate a checkpoint: per-class IoU table, JSON/CSV beside it."),
     "tune": ("hrt_ray.tune.cli", "Sweep window size x learning rate with Ray Tune: table + plot of trials."),

@@ -22,7 +22,12 @@ import types
 from pathlib import Path
 from typing import Any
 
-from hrt_ray.config import parse_hw
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hrt_ray.models import build_model, list_models
+from hrt_ray.models.upsample_conv import factorisation
 
 # Official window variants: our name -> (official backbone config name, window size).
 _OFFICIAL_ARCHS = {
@@ -31,27 +36,6 @@ _OFFICIAL_ARCHS = {
     "hrt_base_w13_ocr": ("hrt_base_win13", 13),
     "hrt_base_w15_ocr": ("hrt_base_win15", 15),
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="hrt_small_ocr", help="model name (see hrt_ray.models.list_models)")
-    parser.add_argument("--size", type=parse_hw, default=(512, 1024), help="input HxW (default 512x1024)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--num-classes", type=int, default=19)
-    parser.add_argument("--window-size", type=int, default=None, help="override the arch's window size")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of blocks")
-    parser.add_argument(
-        "--official-src",
-        default=None,
-        metavar="PATH",
-        help="checkout of HRNet/HRFormer: also measure the official implementation (needs einops, yacs)",
-    )
-    parser.add_argument("--only-official", action="store_true", help="with --official-src: skip ours")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,10 +62,6 @@ def build_official_model(src: str, arch: str, num_classes: int, window_size: int
     small stand-ins are registered for those when they cannot be imported. The backbone selector
     (which imports every backbone family) is replaced by one that builds the HRT backbone.
     """
-    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-    import torch
-    from torch import nn
-
     if arch not in _OFFICIAL_ARCHS:
         raise ValueError(
             f"--official-src: no official counterpart for {arch!r}; known: {', '.join(_OFFICIAL_ARCHS)}"
@@ -148,9 +128,6 @@ def build_official_model(src: str, arch: str, num_classes: int, window_size: int
 
 def _plain_batchnorm(module):
     """Replace ``SyncBatchNorm`` by ``BatchNorm2d`` (same keys and state) for single-process runs."""
-    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-    from torch import nn
-
     for name, child in module.named_children():
         if isinstance(child, nn.SyncBatchNorm):
             bn = nn.BatchNorm2d(
@@ -165,9 +142,6 @@ def _plain_batchnorm(module):
 
 def _official_as_dict(net):
     """Wrap the official network so it returns our ``{"out", "aux"}`` dict instead of ``(aux, out)``."""
-    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-    from torch import nn
-
     class OfficialAsDict(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -194,10 +168,6 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 def count_flops(model, images) -> int:
     """Forward FLOPs (one multiply-add = 2), attention included."""
-    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     custom = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
@@ -213,9 +183,6 @@ def _rss_bytes() -> int:
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-    import torch
-
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -228,9 +195,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["checkpointing"]:
             raise ValueError("--checkpointing applies to hrt-ray's model only")
     else:
-        # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-        from hrt_ray.models import build_model
-
         model = build_model(
             spec["arch"],
             spec["num_classes"],
@@ -250,9 +214,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     flops = count_flops(model, images)
     nominal_flops = flops
     if spec["impl"] != "official":
-        # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-        from hrt_ray.models.upsample_conv import factorisation
-
         with factorisation(False):  # the published arithmetic: upsample, concatenate, convolve
             nominal_flops = count_flops(model, images)
     run_model = torch.compile(model) if spec["compile"] else model
@@ -357,9 +318,6 @@ def _gib(n: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # deferred: `hrt-ray --help` imports every benchmark module; torch loads when this one runs
-    from hrt_ray.models import list_models
-
     if args.arch not in list_models():
         print(f"unknown --arch {args.arch!r}; known: {', '.join(list_models())}", file=sys.stderr)
         return 2

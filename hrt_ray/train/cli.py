@@ -147,11 +147,11 @@ def _shutdown_ray(timeout_s: float = 30.0) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(default_config_path(args.config), args.overrides)  # ConfigError: exit 2
-    # deferred: `hrt-ray --help` imports this module; the run checks import torch, after the config's
+    # deferred: `hrt-ray --help` imports this module; torch loads only once the config is valid
     from hrt_ray.train.run_checks import check_run
 
     check_run(cfg)  # still before Ray starts
-    # deferred: `hrt-ray --help` imports this module; the resume check imports torch
+    # deferred: `hrt-ray --help` imports this module; the resume check imports torch.distributed
     from hrt_ray.train.resume import check_resume
 
     # A resume with a changed config or another model is refused before Ray even starts.

@@ -72,13 +72,10 @@ def run(args: argparse.Namespace) -> int:
     # deferred: `hrt-ray --help` imports this module; Ray Tune and torch load after the sweep is checked
     from hrt_ray.train.trainer import ResourceError
     from hrt_ray.tune.results import write_report
-    from hrt_ray.tune.sweep import SweepError, run_sweep
+    from hrt_ray.tune.sweep import SweepError, run_sweep, sweep_exists
 
     ensure_ray()
     if args.report:
-        # deferred: `hrt-ray --help` imports this module; Ray Tune loads only for a sweep
-        from hrt_ray.tune.sweep import sweep_exists
-
         if not sweep_exists(sweep):
             print(f"error: {sweep.directory}: no trials recorded yet (start it first)", file=sys.stderr)
             return 2
