@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause and fix (bad input, storage, checkpoints): one line, exit code 2.
 
-    Imported only once a command failed, so a typo in a config stays a sub-second answer.
+    Only the modules the command already loaded are asked: an error cannot come from a module
+    that was never imported, and importing one here (torch, Ray) would make a typo in a config
+    a slow answer.
     """
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for module, names in (
@@ -67,11 +69,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ("hrt_ray.models.checkpoint", ("CheckpointError",)),
         ("hrt_ray.storage", ("StorageError",)),
         ("hrt_ray.ray_local", ("RayStartError",)),
-        ("hrt_ray.train.trainer", ("ResourceError",)),
+        ("hrt_ray.train.preflight", ("ResourceError",)),
         ("hrt_ray.train.runlock", ("RunLockedError",)),
     ):
-        mod = importlib.import_module(module)
-        errors += [getattr(mod, name) for name in names]
+        mod = sys.modules.get(module)
+        if mod is not None:
+            errors += [getattr(mod, name) for name in names]
     return tuple(errors)
 
 
