@@ -12,8 +12,10 @@ Why this shape:
   the sweep directory, so ``hrt-ray tune --resume DIR`` continues exactly what was started even
   if the YAML files changed since.
 
-Only :mod:`yaml` and :mod:`hrt_ray.config` are imported at module level: the CLI validates a
-sweep file in well under a second, before torch or Ray load.
+At module level this imports :mod:`yaml`, the experiment config and the storage layer
+(pyarrow), not torch or Ray: the CLI validates a sweep file in well under a second. Only the
+cross-check against the model registry (which imports torch) defers its import until the
+file's own checks passed.
 """
 
 from __future__ import annotations
