@@ -13,16 +13,22 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from hrt_ray.config import ConfigError
+
 # name -> (module holding add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hrt_ray.data.cli", "Prepare, check or synthesise dataset shards (local, s3://, gs://)."),
-    "bench": ("hrt_ray.bench", "Print speed/memory figures (model, data, train)."),
+    "bench": ("hrt_ray.bench.cli", "Print speed/memory figures (model, data, train)."),
     "train": ("hrt_ray.train.cli", "Train (or resume) a run on Ray Train, evaluate it, print a summary."),
     "eval": ("hrt_ray.eval.cli", "Evaluate a checkpoint: per-class IoU table, JSON/CSV beside it."),
     "tune": ("hrt_ray.tune.cli", "Sweep window size x learning rate with Ray Tune: table + plot of trials."),
-    "predict": ("hrt_ray.infer.predict", "Batch inference over a folder/bucket on Ray Data: label PNGs."),
-    "visualize": ("hrt_ray.infer.visualize", "Picture: input | truth | prediction | errors of val samples."),
-    "export": ("hrt_ray.infer.export", "Export a checkpoint to TorchScript or ONNX, checked against eager."),
+    "predict": ("hrt_ray.infer.predict_cli", "Batch inference over a folder/bucket on Ray Data: label PNGs."),
+    "visualize": (
+        "hrt_ray.infer.visualize_cli", "Picture: input | truth | prediction | errors of val samples."
+    ),
+    "export": (
+        "hrt_ray.infer.export_cli", "Export a checkpoint to TorchScript or ONNX, checked against eager."
+    ),
     "config": ("hrt_ray.config_cli", "Show the resolved experiment config; check the job runtime env."),
 }
 
@@ -52,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause and fix (bad input, storage, checkpoints): one line, exit code 2.
 
-    Imported only once a command failed, so a typo in a config stays a sub-second answer.
+    Only the modules the command already loaded are asked: an error cannot come from a module
+    that was never imported, and importing one here (torch, Ray) would make a typo in a config
+    a slow answer.
     """
-    from hrt_ray.config import ConfigError
-
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for module, names in (
         ("hrt_ray.data.codec", ("DataError",)),
@@ -63,11 +69,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ("hrt_ray.models.checkpoint", ("CheckpointError",)),
         ("hrt_ray.storage", ("StorageError",)),
         ("hrt_ray.ray_local", ("RayStartError",)),
-        ("hrt_ray.train.trainer", ("ResourceError",)),
+        ("hrt_ray.train.preflight", ("ResourceError",)),
         ("hrt_ray.train.runlock", ("RunLockedError",)),
     ):
-        mod = importlib.import_module(module)
-        errors += [getattr(mod, name) for name in names]
+        mod = sys.modules.get(module)
+        if mod is not None:
+            errors += [getattr(mod, name) for name in names]
     return tuple(errors)
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from hrt_ray.config import ConfigError, dump_yaml, load_config, to_dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.config_command == "runtime-env":
         return _runtime_env(args)
-    from hrt_ray.config import ConfigError, dump_yaml, load_config, to_dict
-
     config = args.config
     overrides = list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -46,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _runtime_env(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # deferred: `hrt-ray --help` imports this module; the runtime-env check imports Ray (its pathspec)
     from hrt_ray.train.jobenv import RUNTIME_ENV_FILE, JobEnvError, check_working_dir, load_runtime_env
 
     path = args.file or str(Path(args.working_dir) / RUNTIME_ENV_FILE)

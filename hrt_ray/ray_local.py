@@ -27,6 +27,7 @@ def ensure_ray(num_cpus: int | None = None, *, verbose: bool = True) -> None:
     dumps, library warnings, raylet notices) stay in the session's log files, and the driver's
     Ray loggers print warnings and errors only.
     """
+    # deferred: command modules import ray_local at their top; Ray loads only when a command starts it
     import ray
 
     if ray.is_initialized():
@@ -60,6 +61,7 @@ def _init(ray, num_cpus: int | None, verbose: bool) -> None:
     # too; the raylet, GCS and workers started below read the variable themselves.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        # deferred: command modules import ray_local at their top; Ray loads only when a command starts it
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
@@ -106,6 +108,7 @@ def _check_reachable(address: str) -> None:
 
 def logs_dir() -> str | None:
     """This node's Ray session log directory (workers' output, raylet, GCS), if Ray is up."""
+    # deferred: command modules import ray_local at their top; Ray loads only when a command starts it
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)

@@ -52,3 +52,23 @@ def test_sizes_parse_as_height_by_width_and_bad_ones_name_the_value():
     for bad in ("512", "axb", "0x5", "1x2x3"):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
             parse_hw(bad)
+
+
+def test_export_format_choices_match_the_exporter():
+    """``hrt-ray export --format`` lists the exporter's formats without importing it (torch)."""
+    from hrt_ray.infer import export, export_cli
+
+    assert tuple(export.FORMATS) == export_cli.FORMAT_CHOICES
+
+
+def test_a_config_mistake_answers_without_importing_torch_or_ray():
+    """The error is caught and printed (exit 2) before, and without, loading torch or Ray."""
+    code = (
+        "import sys; from hrt_ray.cli import main; rc = main(sys.argv[1:]);"
+        "print([m for m in ('torch', 'ray') if m in sys.modules]); sys.exit(rc)"
+    )
+    for argv in (["train", "optim.lr=abc"], ["eval", "--checkpoint", "x.pt", "optim.lr=abc"]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "config error: " in proc.stderr and "optim.lr" in proc.stderr, proc.stderr
+        assert proc.stdout.strip() == "[]", proc.stdout

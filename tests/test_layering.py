@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 def _is_cli(module: str) -> bool:
     last = module.rsplit(".", 1)[-1]
-    return last in {"cli", "config_cli", "__main__"}
+    return last in {"cli", "__main__"} or last.endswith("_cli")
 
 
 def _module_name(path: Path) -> str:
@@ -150,3 +150,71 @@ def test_the_graph_is_read(module: str) -> None:
     """The walk sees imports (so an empty graph cannot pass the tests above)."""
     assert GRAPH[module] or module == "hrt_ray.config"
     assert "hrt_ray.config" in GRAPH["hrt_ray.train.loop"]
+
+
+#: What a deferred import must say on the line above it.
+DEFERRED = "# deferred:"
+
+
+def _in_function_imports(path: Path) -> list[tuple[int, str, str]]:
+    """``(line, module, comment)`` of every import statement inside a function (nested ones once).
+
+    ``comment`` is the line above the import, or above the group of import statements it belongs
+    to (one ``# deferred:`` line may stand over imports that share the reason, sorted into
+    sections by blank lines).
+    """
+    text = path.read_text()
+    lines = text.splitlines()
+    found: dict[int, tuple[int, str]] = {}
+    for fn in ast.walk(ast.parse(text, str(path))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                found[node.lineno] = (node.end_lineno or node.lineno, ", ".join(a.name for a in node.names))
+            elif isinstance(node, ast.ImportFrom):
+                found[node.lineno] = (node.end_lineno or node.lineno, "." * node.level + (node.module or ""))
+    covered = {i for start, (end, _) in found.items() for i in range(start, end + 1)}
+    out = []
+    for start, (_, module) in sorted(found.items()):
+        above = start - 1  # up through the imports of the group (and the blank lines between them)
+        while above in covered or (not lines[above - 1].strip() and above - 1 in covered):
+            above -= 1
+        out.append((start, module, lines[above - 1].strip() if above >= 1 else ""))
+    return out
+
+
+def test_imports_stand_at_module_top_unless_deferred_with_a_reason() -> None:
+    """An import inside a function hides a dependency and a cycle; only start-up time excuses it.
+
+    The CLI answers ``--help`` and config mistakes before torch or Ray load, so the command modules
+    defer those imports; each says why on the line above (``# deferred: <reason>``).
+    """
+    undeclared = [
+        f"{path.relative_to(PACKAGE.parent)}:{lineno} {module}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for lineno, module, comment in _in_function_imports(path)
+        if not (comment.startswith(DEFERRED) and comment[len(DEFERRED) :].strip())
+    ]
+    assert not undeclared, (
+        f"{len(undeclared)} in-function imports without a '{DEFERRED} <reason>' line above them "
+        "(move them to the module top):\n" + "\n".join(undeclared)
+    )
+
+
+def test_the_deferred_import_check_sees_function_imports(tmp_path: Path) -> None:
+    """The walk finds imports in methods and nested functions (so an empty walk cannot pass)."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import os\n\nclass A:\n    def f(self):\n        import json\n\n"
+        "        def g():\n            # deferred: why\n            from . import x\n"
+        "            from a import (\n                b,\n            )\n\n"
+        "            import c\n            g()\n\n            import d\n        return g\n"
+    )
+    assert _in_function_imports(sample) == [
+        (5, "json", "def f(self):"),
+        (9, ".", "# deferred: why"),
+        (10, "a", "# deferred: why"),
+        (14, "c", "# deferred: why"),
+        (17, "d", ""),
+    ]

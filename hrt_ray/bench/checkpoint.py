@@ -18,18 +18,23 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
 
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.report_config import CheckpointUploadMode
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="hrt_base_ocr", help="model whose weights + AdamW state are saved")
-    parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints per mode")
-    parser.add_argument("--work-s", type=float, default=8.0, help="simulated training seconds between them")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["sync", "async"], choices=("sync", "async"))
-    parser.add_argument("--storage", help="storage path/URI (default: a loopback moto S3 bucket)")
+from hrt_ray.models import build_model
+from hrt_ray.train.loop import report_checkpoint
+from hrt_ray.train.optim import build_optimizer
+from hrt_ray.train.state import save_state
 
 
 def _free_port() -> int:
@@ -59,23 +64,10 @@ def _start_moto() -> tuple[subprocess.Popen, str]:
 
 def _loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: ``checkpoints`` x (simulated work, report); each rank times its reports."""
-    import tempfile
-
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train.v2.api.report_config import CheckpointUploadMode
-
-    from hrt_ray.train.loop import report_checkpoint
-    from hrt_ray.train.optim import build_optimizer
-    from hrt_ray.train.state import save_state
-
     rank = ray.train.get_context().get_world_rank()
     mode = CheckpointUploadMode.ASYNC if config["mode"] == "async" else CheckpointUploadMode.SYNC
     state: dict[str, Any] | None = None
     if rank == 0:
-        from hrt_ray.models import build_model
-
         model = build_model(config["arch"], 19)
         optimizer = build_optimizer(model, 1e-4, 0.01, [0.9, 0.999])
         for p in model.parameters():  # one step to create the AdamW moments
@@ -104,9 +96,6 @@ def _loop(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_mode(mode: str, args: argparse.Namespace, storage: str) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     name = f"bench-ckpt-{mode}-{uuid.uuid4().hex[:6]}"
     trainer = TorchTrainer(
         _loop,
@@ -133,8 +122,6 @@ def _run_mode(mode: str, args: argparse.Namespace, storage: str) -> dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     if args.checkpoints < 1 or args.workers < 1:
         print("--checkpoints and --workers must be >= 1", file=sys.stderr)
         return 2
@@ -143,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     env: dict[str, str] = {}
     try:
         if storage is None:
+            # deferred: boto3 is a dev dependency, needed only to create the benchmark's bucket on moto
             import boto3
 
             moto, endpoint = _start_moto()

@@ -11,22 +11,20 @@ crops column counts the crops timed). Per-core figures divide by ``procs``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-from hrt_ray.config import parse_hw
+import pyarrow.parquet as pq
+import ray
+import torch
+from torch.utils.data import DataLoader
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", required=True, help="a shard set (prepare/synth output): path, s3://, gs://")
-    parser.add_argument("--crop", type=parse_hw, default=(512, 1024), help="crop HxW (default 512x1024)")
-    parser.add_argument("--procs", type=int, nargs="+", default=[2],
-                        help="process counts to measure (e.g. 1 2 4); each gets a fresh Ray instance")
-    parser.add_argument("--batch", type=int, default=4, help="crops per batch")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per path; the last one is timed")
-    parser.add_argument("--dataset", default=None, help="spec name/path (default: the manifest's spec)")
-    parser.add_argument("--endpoint", default=None, help="S3-compatible endpoint; default AWS_ENDPOINT_URL")
-    parser.add_argument("--skip-ray", action="store_true", help="only the DataLoader path")
-    parser.add_argument("--skip-torch", action="store_true", help="only the Ray Data path")
+from hrt_ray import storage
+from hrt_ray.config import load_config
+from hrt_ray.data.pipeline import _decode_pair, build_datasets, iter_batches, record_seed
+from hrt_ray.data.shards import read_manifest, shard_uris
+from hrt_ray.data.specs import get_spec, spec_from_dict
+from hrt_ray.data.transforms import AugmentParams, TrainAugment
 
 
 def _steady_rate(batch_sizes) -> tuple[float, int]:
@@ -45,14 +43,8 @@ class _ShardDataset:
     """Map-style torch dataset over the shards: one row group cached per worker process."""
 
     def __init__(self, src: str, endpoint: str | None, spec, params):
-        from hrt_ray.data.shards import read_manifest, shard_uris
-
         self.src, self.endpoint, self.spec, self.params = src, endpoint, spec, params
         self.index: list[tuple[str, int, int]] = []
-        import pyarrow.parquet as pq
-
-        from hrt_ray import storage
-
         for uri in shard_uris(src, read_manifest(src, endpoint)):
             loc = storage.resolve(uri, endpoint)
             with loc.filesystem.open_input_file(loc.path) as f:
@@ -66,10 +58,6 @@ class _ShardDataset:
         return len(self.index)
 
     def _row_group(self, uri: str, rg: int):
-        import pyarrow.parquet as pq
-
-        from hrt_ray import storage
-
         if self._cache is None or self._cache[:2] != (uri, rg):
             loc = storage.resolve(uri, self.endpoint)
             with loc.filesystem.open_input_file(loc.path) as f:
@@ -77,11 +65,6 @@ class _ShardDataset:
         return self._cache[2]
 
     def __getitem__(self, i: int):
-        import torch
-
-        from hrt_ray.data.pipeline import _decode_pair, record_seed
-        from hrt_ray.data.transforms import TrainAugment
-
         if self._augment is None:
             self._augment = TrainAugment(self.params)
         uri, rg, row = self.index[i]
@@ -95,9 +78,6 @@ class _ShardDataset:
 
 
 def _bench_torch(src: str, endpoint: str | None, spec, params, procs: int, batch: int, epochs: int) -> tuple:
-    import torch
-    from torch.utils.data import DataLoader
-
     torch.set_num_threads(1)
     ds = _ShardDataset(src, endpoint, spec, params)
     # Sequential order keeps each worker on one row group at a time, as Ray reads whole blocks.
@@ -111,11 +91,6 @@ def _bench_torch(src: str, endpoint: str | None, spec, params, procs: int, batch
 
 def _bench_ray(src: str, endpoint: str | None, dataset: str | None, crop, procs: int, batch: int,
                epochs: int) -> tuple:
-    import ray
-
-    from hrt_ray.config import load_config
-    from hrt_ray.data.pipeline import build_datasets, iter_batches
-
     ray.init(num_cpus=procs, include_dashboard=False, log_to_driver=False,
              object_store_memory=2 << 30)
     try:
@@ -135,12 +110,6 @@ def _bench_ray(src: str, endpoint: str | None, dataset: str | None, crop, procs:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from hrt_ray.data.shards import read_manifest
-    from hrt_ray.data.specs import get_spec, spec_from_dict
-    from hrt_ray.data.transforms import AugmentParams
-
     manifest = read_manifest(args.src, args.endpoint)
     spec = get_spec(args.dataset) if args.dataset else spec_from_dict(manifest["spec"], args.src)
     if not args.dataset and spec.name != "synthetic":

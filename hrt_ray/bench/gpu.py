@@ -33,6 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
+from hrt_ray.bench.model import _measure_in_child
+from hrt_ray.config import load_config
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.infer.model import load_model
+
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor datasheets, TFLOP/s. Matched in order
 # against torch.cuda.get_device_name(), so the more specific names come first.
 DENSE_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -54,21 +63,6 @@ SIZE = (512, 1024)
 BATCH = 8
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--official-src", metavar="PATH", help="HRNet/HRFormer checkout: official side by side"
-    )
-    parser.add_argument("--out-dir", default="benchmarks", help="where the JSON goes (default benchmarks/)")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per model measurement")
-    parser.add_argument(
-        "--skip",
-        nargs="*",
-        default=[],
-        choices=("model", "compile", "train", "predict"),
-        help="steps to skip",
-    )
-
-
 def datasheet_peak(name: str) -> float | None:
     """Dense bf16 TFLOP/s of a known GPU by name, else ``None``."""
     for key, tflops in DENSE_BF16_TFLOPS:
@@ -79,8 +73,6 @@ def datasheet_peak(name: str) -> float | None:
 
 def measured_matmul_peak(n: int = 8192, iters: int = 20) -> float:
     """Dense bf16 matmul TFLOP/s measured on this GPU (the best of ``iters``)."""
-    import torch
-
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -162,14 +154,6 @@ def _train_default_job(work: Path) -> dict[str, Any]:
 
 def _predict_and_export(work: Path, checkpoint: str) -> dict[str, Any]:
     """``hrt-ray predict`` on the GPU and the export parity check, the TorchScript file run on the GPU."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from hrt_ray.config import load_config
-    from hrt_ray.data import resolve_num_classes
-    from hrt_ray.infer.model import load_model
-
     src, dst = work / "images", work / "labels"
     src.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -247,8 +231,6 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     if not torch.cuda.is_available():
         print(
             "gpu-check: no CUDA GPU is visible to torch "
@@ -257,8 +239,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from hrt_ray.bench.model import _measure_in_child
-
     began = time.perf_counter()
     name = torch.cuda.get_device_name()
     measured = measured_matmul_peak()

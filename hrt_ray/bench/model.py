@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import multiprocessing as mp
+import os
+import platform
+import resource
 import statistics
 import sys
 import time
@@ -18,7 +22,12 @@ import types
 from pathlib import Path
 from typing import Any
 
-from hrt_ray.config import parse_hw
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hrt_ray.models import build_model, list_models
+from hrt_ray.models.upsample_conv import factorisation
 
 # Official window variants: our name -> (official backbone config name, window size).
 _OFFICIAL_ARCHS = {
@@ -27,27 +36,6 @@ _OFFICIAL_ARCHS = {
     "hrt_base_w13_ocr": ("hrt_base_win13", 13),
     "hrt_base_w15_ocr": ("hrt_base_win15", 15),
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="hrt_small_ocr", help="model name (see hrt_ray.models.list_models)")
-    parser.add_argument("--size", type=parse_hw, default=(512, 1024), help="input HxW (default 512x1024)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--num-classes", type=int, default=19)
-    parser.add_argument("--window-size", type=int, default=None, help="override the arch's window size")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of blocks")
-    parser.add_argument(
-        "--official-src",
-        default=None,
-        metavar="PATH",
-        help="checkout of HRNet/HRFormer: also measure the official implementation (needs einops, yacs)",
-    )
-    parser.add_argument("--only-official", action="store_true", help="with --official-src: skip ours")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,9 +62,6 @@ def build_official_model(src: str, arch: str, num_classes: int, window_size: int
     small stand-ins are registered for those when they cannot be imported. The backbone selector
     (which imports every backbone family) is replaced by one that builds the HRT backbone.
     """
-    import torch
-    from torch import nn
-
     if arch not in _OFFICIAL_ARCHS:
         raise ValueError(
             f"--official-src: no official counterpart for {arch!r}; known: {', '.join(_OFFICIAL_ARCHS)}"
@@ -143,8 +128,6 @@ def build_official_model(src: str, arch: str, num_classes: int, window_size: int
 
 def _plain_batchnorm(module):
     """Replace ``SyncBatchNorm`` by ``BatchNorm2d`` (same keys and state) for single-process runs."""
-    from torch import nn
-
     for name, child in module.named_children():
         if isinstance(child, nn.SyncBatchNorm):
             bn = nn.BatchNorm2d(
@@ -159,8 +142,6 @@ def _plain_batchnorm(module):
 
 def _official_as_dict(net):
     """Wrap the official network so it returns our ``{"out", "aux"}`` dict instead of ``(aux, out)``."""
-    from torch import nn
-
     class OfficialAsDict(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -187,9 +168,6 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 def count_flops(model, images) -> int:
     """Forward FLOPs (one multiply-add = 2), attention included."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     custom = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
@@ -201,16 +179,10 @@ def count_flops(model, images) -> int:
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
-        import os
-
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    import resource
-
-    import torch
-
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -223,8 +195,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["checkpointing"]:
             raise ValueError("--checkpointing applies to hrt-ray's model only")
     else:
-        from hrt_ray.models import build_model
-
         model = build_model(
             spec["arch"],
             spec["num_classes"],
@@ -244,8 +214,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     flops = count_flops(model, images)
     nominal_flops = flops
     if spec["impl"] != "official":
-        from hrt_ray.models.upsample_conv import factorisation
-
         with factorisation(False):  # the published arithmetic: upsample, concatenate, convolve
             nominal_flops = count_flops(model, images)
     run_model = torch.compile(model) if spec["compile"] else model
@@ -318,8 +286,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cpu_name() -> str:
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -338,8 +304,6 @@ def _child(spec: dict[str, Any], queue) -> None:
 
 
 def _measure_in_child(spec: dict[str, Any]) -> dict[str, Any]:
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(spec, queue))
@@ -354,8 +318,6 @@ def _gib(n: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.models import list_models
-
     if args.arch not in list_models():
         print(f"unknown --arch {args.arch!r}; known: {', '.join(list_models())}", file=sys.stderr)
         return 2

@@ -12,31 +12,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import tempfile
 
+import torch
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hrt_ray.config import parse_hw
-
-    parser.add_argument("--config", "-c", help="experiment YAML (model, dataset, eval.* setting)")
-    parser.add_argument(
-        "--checkpoint", help="checkpoint to use (default: random weights of the config's arch)"
-    )
-    parser.add_argument("--num", type=int, default=16, help="images (default 16)")
-    parser.add_argument("--size", type=parse_hw, default=(256, 512), help="image HxW (default 256x512)")
-    parser.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--overlay", action="store_true", help="also write overlays")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+from hrt_ray.config import load_config
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.data.codec import encode_png
+from hrt_ray.data.synth import draw_scene
+from hrt_ray.infer.predict import cluster_gpus, run_predict
+from hrt_ray.models import build_model
+from hrt_ray.ray_local import ensure_ray
 
 
 def _write_inputs(folder: str, num: int, size: tuple[int, int], classes: int) -> None:
-    from hrt_ray.data.codec import encode_png
-    from hrt_ray.data.synth import draw_scene
-
     os.makedirs(folder, exist_ok=True)
     for i in range(num):
         image, _ = draw_scene(0, "bench", i, size[0], size[1], max(2, classes))
@@ -45,16 +36,6 @@ def _write_inputs(folder: str, num: int, size: tuple[int, int], classes: int) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    from hrt_ray.config import load_config
-    from hrt_ray.data import resolve_num_classes
-    from hrt_ray.infer.predict import cluster_gpus, run_predict
-    from hrt_ray.models import build_model
-    from hrt_ray.ray_local import ensure_ray
-
     cfg = load_config(args.config, args.overrides)
     num_classes = resolve_num_classes(cfg)
     ensure_ray()

@@ -19,25 +19,17 @@ import os
 import tempfile
 import time
 
+import torch
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="experiment YAML (default: the embedded default)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    parser.add_argument("--iters", type=int, default=40, help="timed iterations (a multiple of --warmup)")
-    parser.add_argument(
-        "--warmup", type=int, default=10, help="untimed iterations first; also the report interval"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (threads split evenly)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in total")
+from hrt_ray.config import load_config
+from hrt_ray.data import iter_batches, resolve_num_classes
+from hrt_ray.ray_local import ensure_ray
+from hrt_ray.train.loop import build_training_model, loss_kwargs, train_step
+from hrt_ray.train.optim import build_optimizer, build_scheduler
+from hrt_ray.train.trainer import build_trainer, prepare_data
 
 
 def _plain(cfg, datasets, total_iters: int, warmup: int, threads: int) -> dict[str, float]:
-    import torch
-
-    from hrt_ray.data import iter_batches, resolve_num_classes
-    from hrt_ray.train.loop import build_training_model, loss_kwargs, train_step
-    from hrt_ray.train.optim import build_optimizer, build_scheduler
-
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     model = build_training_model(cfg, resolve_num_classes(cfg), device, 0)
@@ -74,10 +66,6 @@ def _plain(cfg, datasets, total_iters: int, warmup: int, threads: int) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-    from hrt_ray.ray_local import ensure_ray
-    from hrt_ray.train.trainer import build_trainer, prepare_data
-
     total = args.iters + args.warmup
     per_worker_threads = max(1, args.threads // max(1, args.workers))
     with tempfile.TemporaryDirectory(prefix="hrt-bench-") as tmp:

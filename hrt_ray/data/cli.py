@@ -7,6 +7,7 @@ import logging
 import sys
 
 from hrt_ray.config import parse_hw
+from hrt_ray.data.specs import SpecError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports this module; the data modules import cv2 and pyarrow
     from hrt_ray.data.codec import DataError
-    from hrt_ray.data.specs import SpecError
     from hrt_ray.storage import StorageError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports this module; the data modules import cv2 and pyarrow
     from hrt_ray.data.prepare import prepare
 
     result = prepare(
@@ -88,6 +90,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports this module; the data modules import cv2 and pyarrow
     from hrt_ray.data.check import check
 
     report = check(args.uri, args.dataset, args.endpoint, args.limit)
@@ -96,6 +99,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    # deferred: `hrt-ray --help` imports this module; the data modules import cv2 and pyarrow
     from hrt_ray.data.synth import synth
 
     if args.classes < 2 or args.num_train < 1 or args.num_val < 1:

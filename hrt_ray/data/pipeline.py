@@ -35,12 +35,18 @@ import logging
 import math
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data import Dataset, FileShuffleConfig
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig
@@ -138,9 +144,6 @@ class PipelineState:
 
 
 def _state_actor(seed: int, max_bad_records: int):
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # On the driver's node (the head, on a cluster: it outlives worker nodes), and restarted
     # elsewhere if that node goes anyway: a lost worker node must not take the epoch state with it,
     # or every restarted worker group fails on its first batch. A restart keeps the seed; the
@@ -167,8 +170,6 @@ def _decode_pair(
 
 def _skip_or_raise(exc: DataError, where: str, state: Any, max_bad: int) -> None:
     """Fail on a bad record, or count it against ``max_bad_records`` and log the skip."""
-    import ray
-
     if max_bad <= 0 or state is None:
         raise exc
     count = ray.get(state.report_bad.remote(where, str(exc)))
@@ -193,8 +194,6 @@ def _train_udf(
     channel_order: str,
     max_bad: int,
 ) -> pa.Table:
-    import ray
-
     read: dict[str, int] = {}
     for path in batch["path"]:
         read[str(path)] = read.get(str(path), 0) + 1
@@ -339,8 +338,6 @@ def verify_shards(uri: str, manifest: dict, endpoint: str | None, threads: int =
     Reads each shard's Parquet footer (one small request per shard), so a zero-byte, truncated
     or missing shard is found before training instead of Ray Data skipping it.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     shards = manifest["shards"]
     locs = [storage.resolve(u, endpoint) for u in shard_uris(uri, manifest)]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
@@ -357,8 +354,6 @@ def readable_manifest(uri: str, manifest: dict, endpoint: str | None, state: Any
 
     A shortfall beyond ``max_bad_records`` is a :class:`DataError` naming every affected shard.
     """
-    import ray
-
     broken = verify_shards(uri, manifest, endpoint)
     if not broken:
         return manifest
@@ -409,9 +404,6 @@ def build_datasets(cfg) -> dict:
 
     Raises :class:`DataError` naming the URI when a shard set is missing, empty or unreadable.
     """
-    import ray
-    from ray.data import FileShuffleConfig
-
     d = cfg.data
     endpoint = cfg.storage.endpoint
     spec = resolve_spec(cfg)
@@ -499,8 +491,6 @@ def build_datasets(cfg) -> dict:
 
 def _collate(batch: dict[str, np.ndarray], ignore_index: int = 255) -> dict:
     """Binary rows -> ``{"image": float32 (N,3,H,W), "mask": int64 (N,H,W)}``; pads mixed sizes."""
-    import torch
-
     hs, ws = batch["height"].astype(int), batch["width"].astype(int)
     n, hmax, wmax = len(hs), int(hs.max()) if len(hs) else 0, int(ws.max()) if len(ws) else 0
     images = np.zeros((n, 3, hmax, wmax), np.float32)
@@ -513,8 +503,6 @@ def _collate(batch: dict[str, np.ndarray], ignore_index: int = 255) -> dict:
 
 def _collate_fn(with_keys: bool):
     """A ``NumpyBatchCollateFn`` (plain functions are deprecated as collate_fn in Ray 2.60)."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict:
             out = _collate(batch)
@@ -526,8 +514,6 @@ def _collate_fn(with_keys: bool):
 
 
 def _iterator(shard: Any):
-    from ray.data import Dataset
-
     return shard.iterator() if isinstance(shard, Dataset) else shard
 
 
@@ -548,8 +534,6 @@ def iter_batches(
     label (image 0 after normalisation) when sizes in a batch differ; every image exactly once
     (plus all-ignore padding copies keyed ``__pad__/i``). ``with_keys`` adds ``"key"`` (list of str).
     """
-    import ray
-
     it = _iterator(shard)
     ctx = it.get_context()
     state = ctx.get_config(STATE_KEY, None)
@@ -579,8 +563,6 @@ def iter_batches(
 
 def skipped_records(datasets: dict) -> int:
     """How many records were skipped under ``data.max_bad_records`` (bad records + lost shards)."""
-    import ray
-
     ds = next(iter(datasets.values()))
     state = ds.context.get_config(STATE_KEY, None)
     return int(ray.get(state.skipped_records.remote())) if state is not None else 0
@@ -588,8 +570,6 @@ def skipped_records(datasets: dict) -> int:
 
 def bad_records(datasets: dict) -> dict[str, str]:
     """Records skipped under ``data.max_bad_records`` so far: ``{"shard ... record ...": reason}``."""
-    import ray
-
     ds = next(iter(datasets.values()))
     state = ds.context.get_config(STATE_KEY, None)
     return ray.get(state.bad_records.remote()) if state is not None else {}

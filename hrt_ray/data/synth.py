@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from hrt_ray import storage
+from hrt_ray.config import DataConfig
 from hrt_ray.data.codec import DataError, encode_png
 from hrt_ray.data.shards import Record, has_shards, write_shards
 from hrt_ray.data.specs import synthetic_spec
@@ -162,18 +165,12 @@ def synth(
 
 def _default_uris() -> dict[str, str]:
     """The embedded default's own shard URIs (``data.train_uri``/``val_uri`` of the defaults)."""
-    from hrt_ray.config import DataConfig
-
     d = DataConfig()
     return {"train": d.train_uri, "val": d.val_uri}
 
 
 def _same_location(uri: str, default: str) -> bool:
     """Whether ``uri`` names the default's relative path (resolved against the working directory)."""
-    from pathlib import Path
-
-    from hrt_ray import storage
-
     if storage.is_remote(uri):
         return False
     return Path(uri).expanduser().resolve() == Path(default).resolve()

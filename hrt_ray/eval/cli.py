@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hrt_ray.config import load_config
+from hrt_ray.ray_local import ensure_ray
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="experiment YAML (default: built-in defaults)")
@@ -19,12 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-
     cfg = load_config(args.config, args.overrides, training=False)
 
+    # deferred: `hrt-ray --help` imports this module; torch and Ray load after the config is checked
     from hrt_ray.eval.run import evaluate_checkpoint
-    from hrt_ray.ray_local import ensure_ray
     from hrt_ray.train.trainer import TrainError
 
     ensure_ray(verbose=bool(getattr(args, "verbose", False)))

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -27,8 +28,6 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 def all_reduce_confusion(matrix: Tensor) -> Tensor:
     """Sum the matrix over the process group (no-op outside distributed runs)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         matrix = matrix.clone()
         dist.all_reduce(matrix, op=dist.ReduceOp.SUM)

@@ -14,20 +14,27 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import ray.train
+import ray.train.torch
+import torch
+
+from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig, TargetComparison, from_dict
-
-if TYPE_CHECKING:
-    import torch
+from hrt_ray.data import build_datasets, ensure_synthetic, iter_batches, resolve_num_classes, resolve_spec
+from hrt_ray.eval.inference import autocast_dtype, confusion_over
+from hrt_ray.eval.metrics import metrics_from_confusion
+from hrt_ray.models import build_model, load_checkpoint
+from hrt_ray.train.state import CHECKPOINT_FILE
+from hrt_ray.train.trainer import TrainError, build_trainer, check_resources
+from hrt_ray.train.watchdog import iter_with_timeout
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin")
 
 
 def checkpoint_file(uri: str) -> str:
     """A checkpoint file URI: ``uri`` itself, or ``uri/checkpoint.pt`` for a checkpoint dir."""
-    from hrt_ray.train.state import CHECKPOINT_FILE
-
     if uri.endswith(CHECKPOINT_SUFFIXES):
         return uri
     return f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
@@ -46,15 +53,6 @@ def setting_tag(cfg: ExperimentConfig) -> str:
 
 def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: load the checkpoint, infer on this worker's validation split."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from hrt_ray.data import iter_batches, resolve_num_classes
-    from hrt_ray.eval.inference import autocast_dtype, confusion_over
-    from hrt_ray.models import build_model, load_checkpoint
-    from hrt_ray.train.watchdog import iter_with_timeout
-
     cfg = from_dict(config["cfg"], source="eval_loop_config", training=False)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
@@ -137,8 +135,6 @@ class EvalResult:
 
 
 def class_names(cfg: ExperimentConfig, num_classes: int) -> list[str]:
-    from hrt_ray.data import resolve_spec
-
     try:
         names = list(resolve_spec(cfg).class_names)
     except Exception:  # a spec without names still gets a table, by index
@@ -148,12 +144,6 @@ def class_names(cfg: ExperimentConfig, num_classes: int) -> list[str]:
 
 def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
     """Evaluate ``checkpoint`` (file or checkpoint dir URI) with ``cfg.eval`` on Ray workers."""
-    import torch
-
-    from hrt_ray import storage
-    from hrt_ray.data import build_datasets, ensure_synthetic
-    from hrt_ray.train.trainer import TrainError, build_trainer, check_resources
-
     ckpt_file = checkpoint_file(checkpoint)
     if not storage.exists(ckpt_file, cfg.storage.endpoint):
         raise FileNotFoundError(f"{ckpt_file}: checkpoint not found")
@@ -193,8 +183,6 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str) -> EvalResult:
 
 def eval_result(cfg: ExperimentConfig, ckpt_file: str, matrix: torch.Tensor) -> EvalResult:
     """The result of a summed confusion ``matrix`` under ``cfg``'s test setting and target."""
-    from hrt_ray.eval.metrics import metrics_from_confusion
-
     metrics = metrics_from_confusion(matrix)
     base = ckpt_file.rsplit("/", 1)[0]
     tag = setting_tag(cfg)

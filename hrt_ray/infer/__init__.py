@@ -5,9 +5,11 @@ Modules, one per concern:
 * :mod:`~hrt_ray.infer.model` -- build the model for a config + checkpoint and run the evaluation
   inference (whole / sliding window / multi-scale, from ``hrt_ray.eval.inference``) on uint8 images;
 * :mod:`~hrt_ray.infer.labels` -- train ids -> a dataset's original ids, palette colouring, overlays;
-* :mod:`~hrt_ray.infer.predict` -- ``hrt-ray predict``: Ray Data batch inference over a folder/bucket;
-* :mod:`~hrt_ray.infer.visualize` -- ``hrt-ray visualize`` and the training loop's TensorBoard panel;
-* :mod:`~hrt_ray.infer.export` -- ``hrt-ray export``: TorchScript / ONNX checked against eager.
+* :mod:`~hrt_ray.infer.predict` -- Ray Data batch inference over a folder/bucket;
+* :mod:`~hrt_ray.infer.visualize` -- panels of val samples, also the training loop's TensorBoard panel;
+* :mod:`~hrt_ray.infer.export` -- TorchScript / ONNX checked against eager.
 
-Nothing here imports torch or Ray at module top (the CLI must answer ``--help`` fast).
+Their commands (``hrt-ray predict``/``visualize``/``export``) are the ``*_cli`` modules beside
+them: ``hrt-ray --help`` imports every command module, so those import only the config at their
+top and the library (torch, Ray) once the command runs.
 """

@@ -22,14 +22,21 @@ model within ``atol + rtol * max|logits|`` and the argmax agrees on at least 99.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from hrt_ray.config import parse_hw
+import numpy as np
+import torch
+
+from hrt_ray import storage
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.data.pipeline import resolve_spec
+from hrt_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hrt_ray.eval.run import checkpoint_file
+from hrt_ray.infer.model import load_model
 
 FORMATS = {"torchscript": ".ts", "onnx": ".onnx"}
 #: Tolerances per format: TorchScript reruns the same kernels; ONNX Runtime has its own.
@@ -56,16 +63,12 @@ class ExportResult:
 
 def default_size(cfg: Any) -> tuple[int, int]:
     """The evaluation crop (sliding window), else the training crop, else the dataset's crop."""
-    from hrt_ray.data.pipeline import resolve_spec
-
     crop = cfg.eval.crop_size or cfg.data.crop_size or resolve_spec(cfg).crop_size
     return int(crop[0]), int(crop[1])
 
 
 def _logits_module(model: Any) -> Any:
     """The model with a tensor-only output (exporters want tensors, the model returns a dict)."""
-    import torch
-
     class Logits(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
@@ -79,8 +82,6 @@ def _logits_module(model: Any) -> Any:
 
 def _check_inputs(shape: tuple[int, int, int, int]) -> list[Any]:
     """A seeded N(0,1) batch and a smooth, image-like one (gradients + a bright square)."""
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(shape, generator=gen)
     n, c, h, w = shape
@@ -92,8 +93,6 @@ def _check_inputs(shape: tuple[int, int, int, int]) -> list[Any]:
 
 
 def _to_bytes(fmt: str, module: Any, example: Any) -> bytes:
-    import torch
-
     buf = io.BytesIO()
     with torch.no_grad():
         if fmt == "torchscript":
@@ -101,6 +100,7 @@ def _to_bytes(fmt: str, module: Any, example: Any) -> bytes:
             torch.jit.save(traced, buf)
         else:
             try:
+                # deferred: onnx is the optional [export] extra, needed only for --format onnx
                 import onnx  # noqa: F401  (the exporter needs it; fail with a clear message)
             except ImportError as exc:
                 raise ExportError(
@@ -120,12 +120,11 @@ def _to_bytes(fmt: str, module: Any, example: Any) -> bytes:
 
 def _runner(fmt: str, data: bytes) -> Any:
     """A callable ``float32 tensor -> numpy logits`` over the exported bytes."""
-    import torch
-
     if fmt == "torchscript":
         loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
         return lambda x: loaded(x).detach().numpy()
     try:
+        # deferred: onnxruntime is the optional [export] extra, needed only for --format onnx
         import onnxruntime as ort
     except ImportError as exc:
         raise ExportError(
@@ -145,18 +144,6 @@ def export_checkpoint(
     out: str | None = None,
 ) -> ExportResult:
     """Export ``checkpoint`` (config's arch/classes) to ``fmt``, write it and check it vs eager."""
-    import time
-
-    import numpy as np
-    import torch
-
-    from hrt_ray import storage
-    from hrt_ray.data import resolve_num_classes
-    from hrt_ray.data.pipeline import resolve_spec
-    from hrt_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from hrt_ray.eval.run import checkpoint_file
-    from hrt_ray.infer.model import load_model
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     start = time.perf_counter()
@@ -214,47 +201,3 @@ def export_checkpoint(
     meta_uri = f"{uri}.json"
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode(), endpoint)
     return ExportResult(uri, meta_uri, fmt, (h, w), worst, agreement, time.perf_counter() - start)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="experiment YAML (model arch, classes, dataset)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir or file (local, s3://, gs://)")
-    parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="torchscript or onnx")
-    parser.add_argument(
-        "--size", type=parse_hw, help="fixed input HxW (default: eval crop, else training crop)"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")
-    parser.add_argument("--out", help="output URI (default: model-HxW.ts/.onnx beside the checkpoint)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-
-
-def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-
-    cfg = load_config(args.config, args.overrides, training=False)
-    if args.batch < 1:
-        print("error: --batch must be >= 1", file=sys.stderr)
-        return 2
-
-    from hrt_ray.models.checkpoint import CheckpointError
-    from hrt_ray.storage import StorageError
-
-    try:
-        result = export_checkpoint(
-            cfg, args.checkpoint, args.format, size=args.size, batch=args.batch, out=args.out
-        )
-    except (ExportError, CheckpointError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    h, w = result.size
-    print(
-        f"exported {result.format} for input {args.batch}x3x{h}x{w}: {result.uri} (+ {result.meta_uri}); "
-        f"max |logit diff| vs eager {result.max_abs_diff:.2e}, argmax agreement "
-        f"{100 * result.argmax_agreement:.3f}% ({result.seconds:.1f} s)"
-    )
-    return 0

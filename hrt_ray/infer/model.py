@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from hrt_ray.config import ExperimentConfig
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.data.pipeline import resolve_spec
 from hrt_ray.data.specs import DatasetSpec
+from hrt_ray.data.transforms import normalize
+from hrt_ray.eval.inference import autocast_dtype, eval_window, predict
+from hrt_ray.eval.run import checkpoint_file
+from hrt_ray.models import build_model, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,6 @@ class InferenceOptions:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> InferenceOptions:
-        from hrt_ray.eval.inference import eval_window
-
         crop, stride = eval_window(cfg)
         return cls(
             mode=cfg.eval.mode,
@@ -60,9 +64,6 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def load_model(cfg: ExperimentConfig, checkpoint: str, num_classes: int) -> torch.nn.Module:
     """``cfg.model.arch`` with ``num_classes`` outputs, weights from ``checkpoint``, in eval mode."""
-    from hrt_ray.eval.run import checkpoint_file
-    from hrt_ray.models import build_model, load_checkpoint
-
     model = build_model(cfg.model.arch, num_classes, window_size=cfg.model.window_size)
     load_checkpoint(model, checkpoint_file(checkpoint), endpoint=cfg.storage.endpoint)
     return model.eval()
@@ -88,8 +89,6 @@ class Segmenter:
         batch_size: int = 4,
         options: InferenceOptions | None = None,
     ) -> None:
-        from hrt_ray.eval.inference import autocast_dtype
-
         self.cfg = cfg
         self.model = model
         self.num_classes = num_classes
@@ -116,9 +115,6 @@ class Segmenter:
         ``spec``/``num_classes`` default to the config's (``resolve_spec``/``resolve_num_classes``);
         a driver passes them in so workers need not reach the spec file or shard manifest.
         """
-        from hrt_ray.data import resolve_num_classes
-        from hrt_ray.data.pipeline import resolve_spec
-
         num_classes = num_classes or resolve_num_classes(cfg)
         dev = pick_device(device)
         model = load_model(cfg, checkpoint, num_classes).to(dev)
@@ -126,8 +122,6 @@ class Segmenter:
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB -> float32 ``(3, H, W)`` exactly as the validation pipeline feeds the model."""
-        from hrt_ray.data.transforms import normalize
-
         if self.channel_order == "BGR":
             image = np.ascontiguousarray(image[..., ::-1])
         return normalize(image)
@@ -135,8 +129,6 @@ class Segmenter:
     @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised ``(N, 3, H, W)`` -> ``(N, H, W)`` int64 train ids, with the eval options."""
-        from hrt_ray.eval.inference import predict
-
         o = self.options
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)

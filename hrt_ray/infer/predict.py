@@ -34,7 +34,6 @@ otherwise finds two predictions per image when pointed at ``--dst``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import posixpath
@@ -44,6 +43,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+
+from hrt_ray import storage
+from hrt_ray.config import from_dict, to_dict
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.data.codec import DataError, decode_image, encode_png
+from hrt_ray.data.pipeline import resolve_spec
+from hrt_ray.data.specs import spec_from_dict
+from hrt_ray.eval.run import checkpoint_file
+from hrt_ray.infer.labels import overlay, to_label_image
+from hrt_ray.infer.model import InferenceOptions, Segmenter, load_model
+from hrt_ray.models.checkpoint import CheckpointError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABELS_DIR = "labels"
@@ -97,8 +109,6 @@ def plan(
 
     ``redo_all`` (``--overwrite``) keeps every image to do whatever exists.
     """
-    from hrt_ray import storage
-
     src_loc = storage.resolve(src, endpoint)
     dst_loc = storage.resolve(dst, endpoint)
     if not storage.exists(src, endpoint):
@@ -138,8 +148,6 @@ def plan(
 
 def decode_batch(batch: dict[str, np.ndarray], *, src_root: str) -> dict[str, np.ndarray]:
     """Raw file bytes -> RGB pixels as bytes + size, or an ``error`` naming the key."""
-    from hrt_ray.data.codec import DataError, decode_image
-
     keys, pixels, heights, widths, errors = [], [], [], [], []
     for data, path in zip(batch["bytes"], batch["path"], strict=True):
         key = _relative(str(path), src_root)
@@ -180,12 +188,6 @@ class PredictActor:
         batch_size: int,
         threads: int,
     ) -> None:
-        import torch
-
-        from hrt_ray.config import from_dict
-        from hrt_ray.data.specs import spec_from_dict
-        from hrt_ray.infer.model import Segmenter
-
         if threads > 0:
             torch.set_num_threads(threads)
         self.cfg = from_dict(cfg, source="predict config", training=False)
@@ -207,10 +209,6 @@ class PredictActor:
         return f"{self.dst}/{folder}/{name}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from hrt_ray import storage
-        from hrt_ray.data.codec import encode_png
-        from hrt_ray.infer.labels import overlay, to_label_image
-
         keys = [str(k) for k in batch["key"]]
         errors = [str(e) for e in batch["error"]]
         good = [i for i, e in enumerate(errors) if not e]
@@ -287,8 +285,6 @@ class PredictSummary:
 
 def file_digest(uri: str, endpoint: str | None) -> tuple[int, str]:
     """(size in bytes, SHA-256) of a file, streamed: the checkpoint's identity, whatever its path."""
-    from hrt_ray import storage
-
     loc = storage.resolve(uri, endpoint)
     digest, size = hashlib.sha256(), 0
     try:
@@ -303,8 +299,6 @@ def file_digest(uri: str, endpoint: str | None) -> tuple[int, str]:
 
 def run_settings(cfg: Any, ckpt: str, spec: Any, num_classes: int, ids: str) -> dict[str, Any]:
     """Everything that decides the label values written: a different value means other labels."""
-    from hrt_ray.infer.model import InferenceOptions
-
     size, sha = file_digest(ckpt, cfg.storage.endpoint)
     opts = InferenceOptions.from_config(cfg)
     return {
@@ -341,8 +335,6 @@ def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _delete_outputs(dst: str, endpoint: str | None) -> None:
-    from hrt_ray import storage
-
     for folder in (LABELS_DIR, OVERLAYS_DIR):
         uri = f"{dst.rstrip('/')}/{folder}"
         if storage.exists(uri, endpoint):
@@ -359,8 +351,6 @@ def claim_destination(dst: str, settings: dict[str, Any], *, overwrite: bool, en
     Raises :class:`PredictError` naming each difference when ``dst`` holds outputs of other
     settings, or outputs without a settings record (nothing says what wrote them).
     """
-    from hrt_ray import storage
-
     record = f"{dst.rstrip('/')}/{SETTINGS_FILE}"
     old = json.loads(storage.read_bytes(record, endpoint)) if storage.exists(record, endpoint) else None
     labels = f"{dst.rstrip('/')}/{LABELS_DIR}"
@@ -383,8 +373,6 @@ def claim_destination(dst: str, settings: dict[str, Any], *, overwrite: bool, en
 
 
 def cluster_gpus() -> int:
-    import ray
-
     return int(ray.cluster_resources().get("GPU", 0))
 
 
@@ -411,16 +399,6 @@ def run_predict(
 
     Progress and skipped images go to ``log`` (default: the current ``sys.stderr``).
     """
-    import ray
-
-    from hrt_ray import storage
-    from hrt_ray.config import to_dict
-    from hrt_ray.data import resolve_num_classes
-    from hrt_ray.data.pipeline import resolve_spec
-    from hrt_ray.eval.run import checkpoint_file
-    from hrt_ray.infer.model import InferenceOptions, load_model
-    from hrt_ray.models.checkpoint import CheckpointError
-
     log = log or sys.stderr
     if ids not in ("train", "original"):
         raise PredictError(f"ids must be 'train' or 'original', got {ids!r}")
@@ -505,75 +483,3 @@ def run_predict(
         f"{dst.rstrip('/')}/{REPORT_FILE}", json.dumps(summary.as_json(), indent=2).encode(), endpoint
     )
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="experiment YAML (model, dataset spec, eval.* test setting)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir or file (local, s3://, gs://)")
-    parser.add_argument("--src", required=True, help="folder or bucket prefix of JPEG/PNG images")
-    parser.add_argument("--dst", required=True, help="where labels/ (and overlays/) PNGs are written")
-    parser.add_argument(
-        "--ids",
-        choices=("train", "original"),
-        default="train",
-        help="label values: train ids, or the dataset's original ids (e.g. Cityscapes labelIds)",
-    )
-    parser.add_argument(
-        "--overlay", action="store_true", help="also write palette overlays (overlays/.../overlay_*.png)"
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="--dst holds outputs of other settings: delete its labels/ and overlays/ and redo every image",
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
-    parser.add_argument("--batch-size", type=int, default=4, help="same-size images per forward pass")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (eval.mode=slide ...)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-
-    cfg = load_config(args.config, args.overrides, training=False)
-    if args.workers is not None and args.workers < 1:
-        print("error: --workers must be >= 1", file=sys.stderr)
-        return 2
-
-    from hrt_ray.ray_local import ensure_ray
-    from hrt_ray.storage import StorageError
-
-    ensure_ray()
-    try:
-        summary = run_predict(
-            cfg,
-            args.checkpoint,
-            args.src,
-            args.dst,
-            ids=args.ids,
-            overlay=args.overlay,
-            overwrite=args.overwrite,
-            device=args.device,
-            workers=args.workers,
-            batch_size=args.batch_size,
-            cpus_per_worker=args.cpus_per_worker,
-        )
-    except (PredictError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"predict: wrote {summary.written} images, skipped {summary.skipped_existing} already done, "
-        f"{len(summary.failed)} unreadable, {summary.images_per_s:.2f} images/s; "
-        f"report {args.dst.rstrip('/')}/{REPORT_FILE}"
-    )
-    for reason in summary.failed.values():
-        print(f"  unreadable: {reason}")
-    return 0

@@ -9,15 +9,20 @@ read straight from the shards (no Ray needed), so successive panels show the sam
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 
+from hrt_ray.data.codec import decode_image, decode_mask, map_mask
+from hrt_ray.data.pipeline import resolve_spec
+from hrt_ray.data.shards import iter_records
 from hrt_ray.data.specs import DatasetSpec
+from hrt_ray.eval.inference import eval_window
+from hrt_ray.infer.labels import colorize
+from hrt_ray.infer.model import InferenceOptions, Segmenter
 
 #: Pixels between tiles and rows, and the height of the column-title strip.
 GAP = 4
@@ -44,8 +49,6 @@ def error_map(truth: np.ndarray, pred: np.ndarray, ignore_index: int) -> np.ndar
 
 
 def _tile(arr: np.ndarray, width: int, nearest: bool) -> np.ndarray:
-    import cv2
-
     h, w = arr.shape[:2]
     if w == width:
         return arr
@@ -64,10 +67,6 @@ def make_panel(
     :data:`MAX_TILE_WIDTH`); label tiles are resized with nearest neighbour so every pixel keeps a
     palette colour. Size: ``4 * tile_width + 3 * GAP`` by ``HEADER + sum(row heights) + GAP * (n - 1)``.
     """
-    import cv2
-
-    from hrt_ray.infer.labels import colorize
-
     if not rows:
         raise ValueError("make_panel needs at least one (image, truth, pred) row")
     width = int(tile_width or min(rows[0][0].shape[1], MAX_TILE_WIDTH))
@@ -103,10 +102,6 @@ def make_panel(
 
 def load_val_samples(cfg: Any, n: int, spec: DatasetSpec | None = None) -> list[Sample]:
     """The first ``n`` validation records of ``cfg.data.val_uri``, decoded, masks as train ids."""
-    from hrt_ray.data.codec import decode_image, decode_mask, map_mask
-    from hrt_ray.data.pipeline import resolve_spec
-    from hrt_ray.data.shards import iter_records
-
     spec = spec or resolve_spec(cfg)
     lut = spec.lut()
     samples = []
@@ -143,9 +138,6 @@ def add_tensorboard_panel(
     validation uses. Samples are read once per process and cached. A picture is never worth a
     failed run: any error is logged as a warning and ``False`` returned.
     """
-    from hrt_ray.data.pipeline import resolve_spec
-    from hrt_ray.infer.model import InferenceOptions, Segmenter
-
     try:
         key = (cfg.data.val_uri, n)
         if key not in _SAMPLE_CACHE:
@@ -161,55 +153,5 @@ def add_tensorboard_panel(
 
 
 def _window(cfg: Any) -> dict[str, Any]:
-    from hrt_ray.eval.inference import eval_window
-
     crop, stride = eval_window(cfg)
     return {"crop": tuple(crop) if crop else None, "stride": tuple(stride) if stride else None}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="experiment YAML (dataset, val_uri, eval.* test setting)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir or file (local, s3://, gs://)")
-    parser.add_argument("--num", "-n", type=int, default=4, help="validation samples (rows), default 4")
-    parser.add_argument("--out", help="PNG to write (default: visualize.png beside the checkpoint)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-
-
-def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-
-    cfg = load_config(args.config, args.overrides, training=False)
-    if args.num < 1:
-        print("error: --num must be >= 1", file=sys.stderr)
-        return 2
-
-    from hrt_ray import storage
-    from hrt_ray.data.codec import DataError, encode_png
-    from hrt_ray.data.synth import ensure_synthetic
-    from hrt_ray.eval.run import checkpoint_file
-    from hrt_ray.infer.model import Segmenter
-    from hrt_ray.models.checkpoint import CheckpointError
-
-    ckpt = checkpoint_file(args.checkpoint)
-    out = args.out or f"{ckpt.rsplit('/', 1)[0]}/visualize.png"
-    try:
-        if not storage.exists(ckpt, cfg.storage.endpoint):
-            raise FileNotFoundError(f"{ckpt}: checkpoint not found")
-        ensure_synthetic(cfg)
-        segmenter = Segmenter.load(cfg, ckpt, device=args.device)
-        samples = load_val_samples(cfg, args.num, segmenter.spec)
-        panel, accs = panel_for(segmenter, samples)
-        storage.write_bytes(out, encode_png(panel), cfg.storage.endpoint)
-    except (FileNotFoundError, DataError, CheckpointError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for (key, _, _), acc in zip(samples, accs, strict=True):
-        print(f"{key}: pixel accuracy {100 * acc:.2f}%")
-    print(f"wrote {out} ({panel.shape[1]}x{panel.shape[0]}, {len(samples)} samples)")
-    return 0

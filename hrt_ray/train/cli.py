@@ -15,15 +15,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import shlex
 import signal
 import sys
 import tempfile
 import threading
+import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
+
+from hrt_ray.config import load_config
+from hrt_ray.ray_local import ensure_ray, logs_dir
 
 DEFAULT_JOB = Path("jobs/default.yaml")
 
@@ -62,9 +68,7 @@ def quiet_libraries(verbose: bool) -> None:
     Ray Data copies the driver's ``DataContext`` into the executors of the datasets built
     afterwards, so this covers the split coordinator that feeds the workers too.
     """
-    import logging
-    import warnings
-
+    # deferred: `hrt-ray --help` imports this module; Ray Data loads only for a run
     from ray.data import DataContext
 
     if verbose:
@@ -133,6 +137,7 @@ def console_to(log_path: Path, enabled: bool) -> Iterator[TextIO]:
 
 def _shutdown_ray(timeout_s: float = 30.0) -> None:
     """Stop this driver's Ray work (a local instance stops; a cluster ends the job's actors)."""
+    # deferred: `hrt-ray --help` imports this module; Ray loads only for a run
     import ray
 
     t = threading.Thread(target=ray.shutdown, daemon=True)
@@ -141,21 +146,21 @@ def _shutdown_ray(timeout_s: float = 30.0) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import load_config
-
     cfg = load_config(default_config_path(args.config), args.overrides)  # ConfigError: exit 2
+    # deferred: `hrt-ray --help` imports this module; torch loads only once the config is valid
     from hrt_ray.train.run_checks import check_run
 
     check_run(cfg)  # still before Ray starts
+    # deferred: `hrt-ray --help` imports this module; the resume check imports torch.distributed
     from hrt_ray.train.resume import check_resume
 
     # A resume with a changed config or another model is refused before Ray even starts.
     check_resume(cfg, accept_changes=args.accept_config_change)
 
+    # deferred: `hrt-ray --help` imports this module; torch and Ray load after the config and resume checks
     from hrt_ray import storage
     from hrt_ray.eval.run import evaluate_checkpoint
     from hrt_ray.infer.visualize import add_tensorboard_panel
-    from hrt_ray.ray_local import ensure_ray, logs_dir
     from hrt_ray.train.paths import run_uri
     from hrt_ray.train.progress import Progress, relay_callbacks
     from hrt_ray.train.trainer import TrainError, TrainSummary, fit
@@ -219,8 +224,6 @@ def run(args: argparse.Namespace) -> int:
         return 128 + exc.signum
     except TrainError as exc:
         if verbose:
-            import traceback
-
             traceback.print_exc()
         _keep_log(driver_log, log_uri, cfg.storage.endpoint)
         print(f"error: {exc}", file=sys.stderr)
@@ -247,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _keep_log(local: Path, uri: str, endpoint: str | None) -> None:
     """Copy the captured driver output into the run directory (best effort: never masks an error)."""
+    # deferred: `hrt-ray --help` imports this module; pyarrow loads only for a run
     from hrt_ray import storage
 
     if local.is_file() and local.stat().st_size:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import ray
+import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
@@ -27,9 +29,6 @@ _SERVER: dict[str, Any] = {}
 
 def serve_store(world_size: int, timeout_s: int) -> tuple[str, int]:
     """On rank 0: a ``TCPStore`` server listening on this node's advertised IP only."""
-    import ray
-    import torch.distributed as dist
-
     addr = ray.util.get_node_ip_address()
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -54,8 +53,6 @@ def join_process_group(
     backend: str, world_rank: int, world_size: int, addr: str, port: int, timeout_s: int
 ) -> None:
     """On every rank: ``init_process_group`` through rank 0's store (a client on ranks > 0)."""
-    import torch.distributed as dist
-
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     if "nccl" in backend:  # as Ray does: a timed-out NCCL collective must fail, not hang
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -72,8 +69,6 @@ def join_process_group(
 
 class _BoundStoreBackend(_TorchBackend):
     def on_start(self, worker_group: Any, backend_config: BoundStoreTorchConfig) -> None:
-        import ray
-
         backend = backend_config.backend or "gloo"
         n = len(worker_group)
         addr, port = worker_group.execute_single(

@@ -15,6 +15,11 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from hrt_ray.config import ConfigError
+from hrt_ray.data import DataError, SpecError
+from hrt_ray.models.checkpoint import CheckpointError
+from hrt_ray.train.loop import NonFiniteLossError
+
 
 def _base(error: BaseException) -> BaseException:
     """The user's exception inside Ray Train's ``UserExceptionWithTraceback`` wrapper."""
@@ -22,11 +27,6 @@ def _base(error: BaseException) -> BaseException:
 
 
 def _deterministic_types() -> tuple[type[BaseException], ...]:
-    from hrt_ray.config import ConfigError
-    from hrt_ray.data import DataError, SpecError
-    from hrt_ray.models.checkpoint import CheckpointError
-    from hrt_ray.train.loop import NonFiniteLossError
-
     return (ConfigError, DataError, SpecError, CheckpointError, NonFiniteLossError)
 
 
@@ -53,8 +53,6 @@ def deterministic_error(error: BaseException) -> BaseException | None:
     holds the original ``DataError`` line even where the exception chain did not survive
     pickling; that line is turned back into a ``DataError``.
     """
-    from hrt_ray.data import DataError
-
     types = _deterministic_types()
     for current in _chain(error):
         if isinstance(current, types):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray._private.thirdparty.pathspec import PathSpec
 
 RUNTIME_ENV_FILE = "jobs/runtime_env.yaml"
 #: Ray's limit for a working_dir package (``ray._private.ray_constants.GRPC_CPP_MAX_MESSAGE_SIZE``).
@@ -49,8 +50,6 @@ def load_runtime_env(path: str | Path = RUNTIME_ENV_FILE) -> dict[str, Any]:
 
 def working_dir_size(root: str | Path, excludes: list[str]) -> WorkingDirSize:
     """Bytes and files under ``root`` that ``excludes`` (gitignore syntax, as Ray) keeps."""
-    from ray._private.thirdparty.pathspec import PathSpec
-
     root = Path(root).resolve()
     spec = PathSpec.from_lines("gitwildmatch", excludes)
     total, files = 0, 0

@@ -22,24 +22,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 
+from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig, from_dict
-from hrt_ray.data import resolve_num_classes
+from hrt_ray.data import LabelledPixelGuard, iter_batches, resolve_num_classes
 from hrt_ray.eval.inference import autocast_dtype, confusion_over
 from hrt_ray.eval.metrics import SegMetrics, metrics_from_confusion
+from hrt_ray.models import build_model, load_checkpoint
 from hrt_ray.storage import RetryPolicy
+from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
 from hrt_ray.train.loss import segmentation_loss
 from hrt_ray.train.optim import build_optimizer, build_scheduler
+from hrt_ray.train.resume import apply_optim_config, resume_state
 from hrt_ray.train.state import rng_state, seed_everything, set_rng_state, unwrap
 from hrt_ray.train.upload import checkpoint_upload_mode, remove_orphaned_checkpoint_dirs, report_checkpoint
 from hrt_ray.train.watchdog import iter_with_timeout
-
-if TYPE_CHECKING:
-    from hrt_ray.data import LabelledPixelGuard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,8 +97,6 @@ def build_training_model(
     cfg: ExperimentConfig, num_classes: int, device: torch.device, world_gpus: int
 ) -> nn.Module:
     """The model on ``device`` with pretrained/initial weights; SyncBN only with >1 GPU worker."""
-    from hrt_ray.models import build_model, load_checkpoint
-
     model = build_model(
         cfg.model.arch,
         num_classes,
@@ -229,8 +233,6 @@ class Meter:
 
 
 def _mean_across_workers(value: float, device: torch.device) -> float:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
@@ -245,8 +247,6 @@ def broadcast_buffers(model: nn.Module) -> None:
     rank still holds the running stats of its own last batch; validating with those would make
     ranks disagree with each other and with the checkpoint, which holds rank 0's.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for buf in model.buffers():
@@ -254,8 +254,6 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 
 def _gather_objects(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -267,10 +265,6 @@ class _TensorBoard:
     """Rank 0's event files, in ``<run dir>/tensorboard`` (uploaded after each report if remote)."""
 
     def __init__(self, run_uri: str, endpoint: str | None, retry: Any = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        from hrt_ray import storage
-
         self.retry = retry
         self.remote = storage.is_remote(run_uri)
         self.target = f"{run_uri.rstrip('/')}/tensorboard"
@@ -285,8 +279,6 @@ class _TensorBoard:
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
         if self.remote:
-            from hrt_ray import storage
-
             for path in self.local.iterdir():
                 storage.write_bytes(
                     f"{self.target}/{path.name}", path.read_bytes(), endpoint=self.endpoint, retry=self.retry
@@ -303,8 +295,6 @@ def _last_checkpoint_text(iteration: int | None) -> str:
 
 
 def _any_across_workers(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
@@ -367,8 +357,6 @@ class WorkerState:
         cls, cfg: ExperimentConfig, cfg_dict: dict[str, Any], rank: int, world: int, device: torch.device
     ) -> WorkerState:
         """Model, optimizer, schedule and grad scaler on ``device``, seeded per rank."""
-        from hrt_ray.data import LabelledPixelGuard
-
         if device.type == "cpu" and cfg.scaling.cpus_per_worker >= 1:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         amp_dtype = autocast_dtype(cfg, device)
@@ -402,8 +390,6 @@ class WorkerState:
     def resume(self, saved: dict[str, Any] | None) -> None:
         """Continue from ``saved`` (a checkpoint's state; ``None``: start afresh)."""
         if saved is not None:
-            from hrt_ray.train.resume import apply_optim_config
-
             unwrap(self.model).load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
@@ -431,10 +417,6 @@ class WorkerState:
         """
         self.train_model = self.model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
-
             # Parameters in their gradients' layout: no "Grad strides do not match bucket view strides".
             cfg = self.cfg
             probe = probe_batch(cfg.data.crop_size, self.num_classes, self.device, cfg.model.channels_last)
@@ -449,8 +431,6 @@ class WorkerState:
 
     def train_batches(self, shard: Any) -> Any:
         """This data epoch's training batches of ``shard``, each wait bounded by the stall timeout."""
-        from hrt_ray.data import iter_batches
-
         cfg = self.cfg
         return iter_with_timeout(
             iter_batches(
@@ -521,8 +501,6 @@ class WorkerState:
         validate_now = it % cfg.eval.interval == 0 or it == cfg.optim.max_iters
         report_now = validate_now or it % cfg.checkpoint.every == 0
         if not report_now and not self.preempt_saved and cfg.failure.checkpoint_on_preemption:
-            import ray.train
-
             # A barrier every rank reaches at the same iterations (Ray requires that).
             notice = ray.train.get_preemption_info()
             if notice is not None:
@@ -556,8 +534,6 @@ class WorkerState:
 
     def validation(self) -> dict[str, float]:
         """Validation metrics over every worker's val shard (``val/`` names); rank 0 draws pictures."""
-        from hrt_ray.data import iter_batches
-
         broadcast_buffers(self.model)
         batches = iter_with_timeout(
             iter_batches(self.val_shard, self.cfg.eval.batch_size, epoch=0, train=False, prefetch_batches=1),
@@ -573,8 +549,6 @@ class WorkerState:
 
     def report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Every rank's ``ray.train.report`` (a barrier); rank 0 attaches the checkpoint."""
-        import ray.train
-
         if with_checkpoint:
             self.check_finite()
         metrics = self.with_progress(metrics)
@@ -655,11 +629,6 @@ class WorkerState:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. ``config``: ``{"cfg": to_dict(cfg), "run_uri": str, "val_panel": ...}``."""
-    import ray.train
-    import ray.train.torch
-
-    from hrt_ray.train.resume import resume_state
-
     cfg = from_dict(config["cfg"], source="train_loop_config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

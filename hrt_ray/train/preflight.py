@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray._private.state
 import yaml
+from ray._raylet import GcsClient
+from ray.autoscaler.sdk import request_resources
+from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply, NodeStatus
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from hrt_ray.config import ExperimentConfig
 
@@ -132,8 +138,6 @@ def node_types(cfg: ExperimentConfig) -> tuple[list[NodeType], str | None]:
     ``([], None)`` when the cluster publishes none and no autoscaling config file is found
     (a fixed-size cluster, or an autoscaler whose node types this driver cannot see).
     """
-    import ray._private.state
-
     published = ray._private.state.state.get_cluster_config()
     if published is not None and published.node_group_configs:
         types = [
@@ -209,10 +213,6 @@ class ClusterState:
 
 def cluster_state() -> ClusterState:
     """Nodes and the autoscaler's report from one ``GetClusterStatus`` call (``ray status``)."""
-    import ray
-    from ray._raylet import GcsClient
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply, NodeStatus
-
     reply = GetClusterStatusReply.FromString(
         GcsClient(address=ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=30)
     )
@@ -318,8 +318,6 @@ class Hold:
 
     def release(self) -> None:
         if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
             remove_placement_group(self._pg)
             self._pg = None
 
@@ -328,10 +326,6 @@ def _wait_for(
     cfg: ExperimentConfig, request: Request, types: list[NodeType], say: Callable[[str], None]
 ) -> Hold:
     """Ask for the request as Train will (a PACK placement group) and wait until it is placed."""
-    import ray
-    from ray.autoscaler.sdk import request_resources
-    from ray.util.placement_group import placement_group, remove_placement_group
-
     deadline = cfg.scaling.resource_wait_s
     interval = cfg.scaling.resource_report_interval_s
     request_resources(bundles=request.bundles())
@@ -360,8 +354,6 @@ def _wait_for(
 
 
 def _release() -> None:
-    from ray.autoscaler.sdk import request_resources
-
     request_resources(bundles=[])
 
 

@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from ray.train import UserCallback
+from ray.train import ControllerError, UserCallback, WorkerGroupError
 from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+from tqdm import tqdm
 
 from hrt_ray.train.failures import describe
 
@@ -36,9 +38,6 @@ def failure_source(error: BaseException) -> str:
     """The failure budget Ray Train charges ``error`` to, by its ``DefaultFailurePolicy``'s own
     test: a preemption (a ``PreemptionError``, or a worker group whose dead actor was
     preempted), a worker group failure, or a controller error (a group that could not start)."""
-    from ray.train import ControllerError, WorkerGroupError
-    from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
-
     if _is_preemption_failure(error):
         return "preemption"
     if isinstance(error, WorkerGroupError):
@@ -157,8 +156,6 @@ class Progress:
         self.path.touch()
         self.started = time.monotonic()
         if self.tty:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=self.max_iters, file=self.stream, unit="it", dynamic_ncols=True)
         self._thread.start()
         return self

@@ -24,7 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+
+from hrt_ray import storage
 from hrt_ray.config import ConfigError, ExperimentConfig
+from hrt_ray.data import resolve_num_classes
+from hrt_ray.train.paths import run_uri, worker_config
+from hrt_ray.train.state import complete_checkpoints, load_reported_state, read_stored_state
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +140,6 @@ def check_resume(cfg: ExperimentConfig, *, accept_changes: bool = False) -> Resu
     Raises :class:`ResumeConfigError` naming every refused change (old -> new). Runs on the
     driver before anything is scheduled.
     """
-    from hrt_ray import storage
-    from hrt_ray.train.paths import run_uri, worker_config
-    from hrt_ray.train.state import complete_checkpoints
-
     loc = storage.resolve(run_uri(cfg), cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
     found = complete_checkpoints(loc.filesystem, loc.path)
     if not found:
@@ -154,8 +156,6 @@ def check_resume(cfg: ExperimentConfig, *, accept_changes: bool = False) -> Resu
     classes = newest.manifest.get("num_classes")
     model = [c for c in changes if c.key in MODEL_KEYS and (c.key != "model.num_classes" or classes is None)]
     if classes is not None:
-        from hrt_ray.data import resolve_num_classes
-
         now = resolve_num_classes(cfg)
         if int(now) != int(classes):
             label = "model.num_classes" if current["model"]["num_classes"] is not None else (
@@ -196,9 +196,6 @@ def resume_state(
     Rank 0 chooses between Ray's registered checkpoint and the newest complete one on storage
     (the later iteration wins) and broadcasts the choice, so all ranks load the same one.
     """
-    from hrt_ray import storage
-    from hrt_ray.train.state import complete_checkpoints, load_reported_state, read_stored_state
-
     loc = storage.resolve(run_uri, cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
     choice: list[Any] = [None]
     if _rank() == 0:
@@ -229,14 +226,10 @@ def _ray_iteration(ray_checkpoint: Any, stored: list[Any]) -> int:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _broadcast(box: list[Any]) -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
 

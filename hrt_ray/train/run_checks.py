@@ -12,7 +12,13 @@ from __future__ import annotations
 import difflib
 import math
 
+import torch
+
 from hrt_ray.config import ConfigError, ExperimentConfig, check_class_settings
+from hrt_ray.data import SpecError, get_spec
+from hrt_ray.eval.metrics import metrics_from_confusion
+from hrt_ray.models import default_window_size, list_models
+from hrt_ray.train.loop import Meter
 
 #: Stride of HRT's highest-resolution branch: every window must fit the feature map there.
 FINEST_STRIDE = 4
@@ -20,9 +26,6 @@ FINEST_STRIDE = 4
 
 def check_run(cfg: ExperimentConfig) -> None:
     """Raise :class:`ConfigError` naming the key for anything that would fail in the workers."""
-    from hrt_ray.data import SpecError, get_spec
-    from hrt_ray.models import default_window_size, list_models
-
     known = list_models()
     if cfg.model.arch not in known:
         close = difflib.get_close_matches(cfg.model.arch, known, n=1, cutoff=0.5)
@@ -73,11 +76,6 @@ def _check_window(window: int, crop: list[int], crop_key: str) -> None:
 
 def reported_metrics(num_classes: int) -> list[str]:
     """Every metric name a training report can carry (per-class IoU as ``val/IoU/<class id>``)."""
-    import torch
-
-    from hrt_ray.eval.metrics import metrics_from_confusion
-    from hrt_ray.train.loop import Meter
-
     train = [*Meter().summary(1), "train/lr"]
     val = metrics_from_confusion(torch.eye(num_classes, dtype=torch.int64)).as_report("val/")
     return [*train, *val]

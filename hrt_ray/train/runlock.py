@@ -222,6 +222,7 @@ class RunLock:
 
     def _create_s3(self, data: bytes) -> bool:
         """A conditional put (``If-None-Match: *``): S3 refuses it when the key exists."""
+        # deferred: s3fs (aiobotocore, about 1 s) loads only for a run lock on S3, not for local runs
         import s3fs
 
         env = os.environ

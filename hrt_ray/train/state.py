@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -134,8 +135,6 @@ def complete_checkpoints(filesystem: Any, run_path: str) -> list[StoredCheckpoin
     Complete = the manifest parses and ``checkpoint.pt`` has the size it records. A directory
     without a manifest (written before manifests existed, or still uploading) does not count.
     """
-    import pyarrow.fs as pafs
-
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(run_path, recursive=True, allow_not_found=True))
     except FileNotFoundError:

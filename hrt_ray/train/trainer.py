@@ -14,13 +14,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig, TargetComparison, TargetConfig, check_batch_split
+from hrt_ray.data import build_datasets, ensure_synthetic, skipped_records
+from hrt_ray.train.distributed import BoundStoreTorchConfig
+from hrt_ray.train.failures import FailFast, describe, deterministic_cause
+from hrt_ray.train.loop import train_loop_per_worker
 from hrt_ray.train.paths import checkpoint_uri, ray_storage, run_uri, worker_config
 from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
 # The preflight lives in its own module; callers of ``trainer`` keep importing these names here.
 from hrt_ray.train.preflight import ResourceError as ResourceError
 from hrt_ray.train.preflight import check_resources as check_resources
+from hrt_ray.train.resume import check_resume
+from hrt_ray.train.runlock import RunLock
 
 
 class TrainError(RuntimeError):
@@ -49,13 +59,6 @@ def build_trainer(
     worker failure instead of spending ``failure.max_failures`` retries on it. Ray runs a
     ``WorkerCallback`` among them in every worker process (tests inject faults that way).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from hrt_ray.train.distributed import BoundStoreTorchConfig
-    from hrt_ray.train.failures import FailFast
-    from hrt_ray.train.loop import train_loop_per_worker
-
     bundle = worker_bundle(cfg)
     scaling = ScalingConfig(
         num_workers=(
@@ -173,8 +176,6 @@ class TrainSummary:
 
 def prepare_data(cfg: ExperimentConfig) -> dict[str, Any]:
     """Generate the synthetic dataset if it is missing, then build the Ray datasets."""
-    from hrt_ray.data import build_datasets, ensure_synthetic
-
     if cfg.data.dataset == "synthetic":
         ensure_synthetic(cfg)
     return build_datasets(cfg)
@@ -199,10 +200,6 @@ def fit(
     A deterministic worker failure (see :mod:`hrt_ray.train.failures`) is not retried: an input
     error (config, data, spec, checkpoint) is raised as itself, others as :class:`TrainError`.
     """
-    from hrt_ray import storage
-    from hrt_ray.train.resume import check_resume
-    from hrt_ray.train.runlock import RunLock
-
     check_batch_split(cfg)
     lock = RunLock(
         run_uri(cfg),
@@ -224,8 +221,6 @@ def _fit(
     callbacks: list[Any] | None = None,
     val_panel: Callable[..., Any] | None = None,
 ) -> TrainSummary:
-    from hrt_ray.train.failures import describe, deterministic_cause
-
     with preflight(cfg) if cfg.scaling.check_resources else contextlib.nullcontext(Hold()) as hold:
         datasets = prepare_data(cfg)
         trainer = build_trainer(cfg, datasets, callbacks=callbacks, val_panel=val_panel)
@@ -251,8 +246,6 @@ def _fit(
             reverse=True,
         )
         best_ckpt = checkpoint_uri(cfg, ranked[0][0])
-    from hrt_ray.data import skipped_records
-
     final_val = [h for h in history if h[0] == value.get("iteration")]
     return TrainSummary(
         name=cfg.name,

@@ -14,6 +14,10 @@ import tempfile
 import time
 from typing import Any
 
+import ray.train
+from ray.train import Checkpoint
+from ray.train.v2.api.report_config import CheckpointUploadMode
+
 from hrt_ray.config import ExperimentConfig
 from hrt_ray.train.state import save_state
 
@@ -27,8 +31,6 @@ def checkpoint_upload_mode(cfg: ExperimentConfig) -> Any:
     An upload error is raised in the training thread and fails the worker group like any error.
     ``sync``: every rank waits at the report barrier until the upload is done.
     """
-    from ray.train.v2.api.report_config import CheckpointUploadMode
-
     return CheckpointUploadMode.ASYNC if cfg.checkpoint.upload == "async" else CheckpointUploadMode.SYNC
 
 
@@ -47,9 +49,6 @@ def report_checkpoint(
     deletes it once uploaded (``delete_local_checkpoint_after_upload``); on an error here it is
     removed at once.
     """
-    import ray.train
-    from ray.train import Checkpoint
-
     if previous_dir is not None:
         _wait_for_upload(previous_dir, timeout_s)
     tmp = tempfile.mkdtemp(prefix=f"hrt-ckpt-{os.getpid()}-")

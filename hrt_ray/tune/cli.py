@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hrt_ray.config import ConfigError
+from hrt_ray.ray_local import ensure_ray
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="sweep YAML (see jobs/ablations/)")
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):  # -> Sweep
-    from hrt_ray.config import ConfigError
+    # deferred: `hrt-ray --help` imports this module; the sweep config imports pyarrow (storage)
     from hrt_ray.tune.config import load_saved_sweep, load_sweep
 
     directory = args.report if args.report else args.resume
@@ -60,23 +63,19 @@ def _load(args: argparse.Namespace):  # -> Sweep
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrt_ray.config import ConfigError
-
     try:
         sweep = _load(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    from hrt_ray.ray_local import ensure_ray
+    # deferred: `hrt-ray --help` imports this module; Ray Tune and torch load after the sweep is checked
     from hrt_ray.train.trainer import ResourceError
     from hrt_ray.tune.results import write_report
-    from hrt_ray.tune.sweep import SweepError, run_sweep
+    from hrt_ray.tune.sweep import SweepError, run_sweep, sweep_exists
 
     ensure_ray()
     if args.report:
-        from hrt_ray.tune.sweep import sweep_exists
-
         if not sweep_exists(sweep):
             print(f"error: {sweep.directory}: no trials recorded yet (start it first)", file=sys.stderr)
             return 2
@@ -103,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted: resume with `hrt-ray tune --resume {outcome.directory}`", file=sys.stderr)
         return 130
     if args.eval_best and report.best is not None and report.best.checkpoint:
+        # deferred: `hrt-ray --help` imports this module; torch and Ray load only for --eval-best
         from hrt_ray.eval.run import evaluate_checkpoint
 
         best = report.best

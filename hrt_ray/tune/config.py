@@ -12,8 +12,10 @@ Why this shape:
   the sweep directory, so ``hrt-ray tune --resume DIR`` continues exactly what was started even
   if the YAML files changed since.
 
-Only :mod:`yaml` and :mod:`hrt_ray.config` are imported at module level: the CLI validates a
-sweep file in well under a second, before torch or Ray load.
+At module level this imports :mod:`yaml`, the experiment config and the storage layer
+(pyarrow), not torch or Ray: the CLI validates a sweep file in well under a second. Only the
+cross-check against the model registry (which imports torch) defers its import until the
+file's own checks passed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hrt_ray import storage
 from hrt_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -42,6 +45,7 @@ from hrt_ray.config import (
     suggest,
     to_dict,
 )
+from hrt_ray.train.paths import worker_config
 
 #: File in the sweep directory holding the resolved sweep (what ``--resume`` runs).
 SWEEP_FILE = "sweep.yaml"
@@ -282,8 +286,6 @@ class Sweep:
     @property
     def storage(self) -> str:
         """The parent of the sweep directory, absolute if local."""
-        from hrt_ray import storage
-
         root = self.config.storage or f"{self.base.storage.path.rstrip('/')}/sweeps"
         return root.rstrip("/") if storage.is_remote(root) else str(Path(root).expanduser().resolve())
 
@@ -359,8 +361,6 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
 
 def load_saved_sweep(uri: str, endpoint: str | None = None) -> Sweep:
     """The sweep saved in a sweep directory (``--resume DIR``)."""
-    from hrt_ray import storage
-
     file_uri = f"{uri.rstrip('/')}/{SWEEP_FILE}"
     try:
         data = yaml.safe_load(storage.read_bytes(file_uri, endpoint))
@@ -384,8 +384,6 @@ def sweep_from_saved(data: Any, source: str = "saved sweep") -> Sweep:
 
 def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
     """Absolute local paths (trials run elsewhere), then every cross-key check."""
-    from hrt_ray.train.paths import worker_config
-
     base = from_dict(worker_config(base), source="experiment")
     # Saved absolute, so `--resume DIR` from another directory finds the same sweep.
     storage_root = Sweep(config=cfg, base=base, source=source).storage
@@ -399,6 +397,7 @@ def _finish(cfg: SweepConfig, base: ExperimentConfig, source: str) -> Sweep:
 
 def _check_against_base(sweep: Sweep) -> None:
     cfg, base = sweep.config, sweep.base
+    # deferred: the model registry imports torch; a mistake in the sweep file is reported before it loads
     from hrt_ray.models import list_models
 
     models = list_models()

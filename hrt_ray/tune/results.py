@@ -12,9 +12,17 @@ import io
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+import matplotlib
+from matplotlib.figure import Figure
+from ray.tune import ExperimentAnalysis
+from ray.tune.experiment import Trial
+
+from hrt_ray import storage
 from hrt_ray.config import to_dict
 from hrt_ray.tune.config import SEARCH_KEY, SEARCH_KEYS, Sweep, config_value, finite, trial_run_name
+from hrt_ray.tune.trial import fresh
 
 #: Status of a trial in the table.
 COMPLETED = "completed"
@@ -41,8 +49,6 @@ class TrialRow:
 
 def _checkpoint_uri(sweep: Sweep, path: str) -> str:
     """A URI for a checkpoint path Tune recorded (without its scheme on object storage)."""
-    from urllib.parse import urlsplit
-
     root = sweep.directory
     if "://" in root and "://" not in path:
         return f"{urlsplit(root).scheme}://{path.lstrip('/')}"
@@ -51,8 +57,6 @@ def _checkpoint_uri(sweep: Sweep, path: str) -> str:
 
 def tune_storage(sweep: Sweep) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` for Tune: local path, or bucket path + pyarrow fs."""
-    from hrt_ray import storage
-
     if not storage.is_remote(sweep.storage):
         return sweep.storage, None
     loc = storage.resolve(sweep.storage, sweep.endpoint)
@@ -61,11 +65,6 @@ def tune_storage(sweep: Sweep) -> tuple[str, Any]:
 
 def collect(sweep: Sweep) -> list[TrialRow]:
     """Every trial of the sweep, best first (trials without a value of the metric last)."""
-    from ray.tune import ExperimentAnalysis
-    from ray.tune.experiment import Trial
-
-    from hrt_ray.tune.trial import fresh
-
     path, fs = tune_storage(sweep)
     analysis = ExperimentAnalysis(
         f"{path}/{sweep.config.name}",
@@ -232,11 +231,7 @@ def to_markdown(sweep: Sweep, rows: list[TrialRow]) -> str:
 def plot(sweep: Sweep, rows: list[TrialRow]) -> bytes:
     """PNG: best metric against learning rate (one line per window size), and every trial's
     validation curve (dashed: stopped early)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     scale = 100.0 if sweep.config.metric.startswith("val/") else 1.0
     unit = " (%)" if scale == 100.0 else ""
     fig = Figure(figsize=(12, 4.8), dpi=100)
@@ -305,8 +300,6 @@ class Report:
 
 def write_report(sweep: Sweep) -> Report:
     """Collect the rows and write ``results.csv``, ``results.md`` and ``sweep.png`` in the sweep dir."""
-    from hrt_ray import storage
-
     rows = collect(sweep)
     base = sweep.directory
     report = Report(

@@ -18,11 +18,20 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig
+from hrt_ray.data import ensure_synthetic
+from hrt_ray.train.trainer import ResourceError, check_resources, worker_bundle
 from hrt_ray.tune.config import SEARCH_KEYS, SWEEP_FILE, Sweep, trial_run_name
 from hrt_ray.tune.results import UNFINISHED, Report, tune_storage, write_report
+from hrt_ray.tune.scheduler import ResumableASHA
+from hrt_ray.tune.trial import TRIAL_CPU, run_trial
 
 
 class SweepError(RuntimeError):
@@ -49,9 +58,6 @@ def first_trial_config(sweep: Sweep) -> ExperimentConfig:
 
 def trial_request(cfg: ExperimentConfig) -> dict[str, float]:
     """What one trial holds while it trains: its workers, Ray Data's CPU and the trial's own CPU."""
-    from hrt_ray.train.trainer import worker_bundle
-    from hrt_ray.tune.trial import TRIAL_CPU
-
     n = cfg.scaling.num_workers
     asked = {k: v * n for k, v in worker_bundle(cfg).items()}
     asked["CPU"] = asked.get("CPU", 0.0) + cfg.scaling.cpus_per_data_worker + TRIAL_CPU
@@ -60,9 +66,6 @@ def trial_request(cfg: ExperimentConfig) -> dict[str, float]:
 
 def check_trial_resources(cfg: ExperimentConfig) -> None:
     """Raise ``ResourceError`` if one trial can never be placed on this cluster."""
-    from hrt_ray.train.trainer import ResourceError, check_resources
-    from hrt_ray.tune.trial import TRIAL_CPU
-
     if not cfg.scaling.check_resources:
         return
     # The trial function's CPU sits beside the run's data CPU: count it there.
@@ -86,8 +89,6 @@ def concurrency(sweep: Sweep, cfg: ExperimentConfig) -> int:
     """
     if sweep.config.max_concurrent_trials:
         return sweep.config.max_concurrent_trials
-    import ray
-
     total = ray.cluster_resources()
     fits = [math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in trial_request(cfg).items() if v > 0]
     return max(1, min(fits) if fits else 1)
@@ -98,10 +99,6 @@ ASHA_STATE_FILE = "asha-state.json"
 
 
 def _scheduler(sweep: Sweep) -> Any:
-    from ray.tune.schedulers import FIFOScheduler
-
-    from hrt_ray.tune.scheduler import ResumableASHA
-
     s = sweep.config.scheduler
     if s.kind == "fifo":
         return FIFOScheduler()
@@ -118,8 +115,6 @@ def _scheduler(sweep: Sweep) -> Any:
 
 
 def param_space(sweep: Sweep) -> dict[str, Any]:
-    from ray import tune
-
     space = sweep.config.search
     out: dict[str, Any] = {}
     for key in SEARCH_KEYS:
@@ -137,24 +132,16 @@ def trial_dirname(trial: Any) -> str:
 
 
 def trainable(sweep: Sweep) -> Any:
-    from ray import tune
-
-    from hrt_ray.tune.trial import TRIAL_CPU, run_trial
-
     return tune.with_resources(tune.with_parameters(run_trial, sweep_data=sweep.saved()), {"cpu": TRIAL_CPU})
 
 
 def sweep_exists(sweep: Sweep) -> bool:
-    from ray import tune
-
     path, fs = tune_storage(sweep)
     return bool(tune.Tuner.can_restore(f"{path}/{sweep.config.name}", storage_filesystem=fs))
 
 
 def prepare(sweep: Sweep, *, resume: bool) -> tuple[ExperimentConfig, int]:
     """The checks before any trial (see the module docstring); returns (a trial config, concurrency)."""
-    from hrt_ray.data import ensure_synthetic
-
     exists = sweep_exists(sweep)
     if resume and not exists:
         raise SweepError(f"{sweep.directory}: no sweep to resume here (start it without --resume)")
@@ -172,11 +159,6 @@ def prepare(sweep: Sweep, *, resume: bool) -> tuple[ExperimentConfig, int]:
 
 def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepOutcome:
     """Start (or resume) the sweep, wait for it, write and return its report."""
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from hrt_ray import storage
-
     _, limit = prepare(sweep, resume=resume)
     path, fs = tune_storage(sweep)
     start = time.perf_counter()

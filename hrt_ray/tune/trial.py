@@ -15,7 +15,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+
+from hrt_ray.data import build_datasets
+from hrt_ray.infer.visualize import add_tensorboard_panel
+from hrt_ray.train.trainer import TrainError, build_trainer
+from hrt_ray.tune.config import sweep_from_saved, trial_run_name
 
 #: The CPU the trial function holds (Tune rejects 0); the training run asks for its own.
 TRIAL_CPU = 0.1
@@ -47,13 +53,6 @@ def fresh(value: Any) -> bool:
 
 def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:
     """Tune's trainable: build this trial's experiment from the sweep and fit its ``TorchTrainer``."""
-    from ray import tune
-
-    from hrt_ray.data import build_datasets
-    from hrt_ray.infer.visualize import add_tensorboard_panel
-    from hrt_ray.train.trainer import TrainError, build_trainer
-    from hrt_ray.tune.config import sweep_from_saved, trial_run_name
-
     sweep = sweep_from_saved(sweep_data)
     trial_id = tune.get_context().get_trial_id()
     cfg = sweep.trial_config(params, trial_run_name(trial_id, params))
