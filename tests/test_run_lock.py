@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,7 +125,19 @@ def test_heartbeat_keeps_a_live_lock_fresh(run_root: str) -> None:
         holder.wait()
 
 
-def test_two_runs_starting_together_exactly_one_wins(run_root: str) -> None:
+def test_two_runs_starting_together_exactly_one_wins(
+    run_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loaded box (seen on CI) can pause a run between an exclusive create of the lock file and
+    # the write of its holder into it: the others must never take that empty file for a dead
+    # run's lock and remove it. The pause is made long here.
+    real_fdopen = os.fdopen
+
+    def slow_fdopen(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return real_fdopen(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", slow_fdopen)
     results: list[object] = []
 
     def take() -> None:

@@ -18,6 +18,7 @@ checkpoints, summary and TensorBoard files in one directory. The driver now take
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -79,6 +80,40 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def _create_local(path: str, data: bytes, tag: str) -> bool:
+    """Create ``path`` holding ``data`` only if it does not exist, complete or not at all.
+
+    An ``O_EXCL`` create followed by a write leaves a moment in which a run starting together
+    with this one reads an empty lock, takes it for the leftover of a dead run and removes it:
+    then both runs win. The content is written to a file of our own first and hard-linked into
+    place (``link`` fails if the name exists), so the lock appears with its holder in it.
+    """
+    tmp = f"{path}.{tag}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:  # a filesystem without hard links (some FUSE mounts): exclusive create
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return True
 
 
@@ -201,15 +236,7 @@ class RunLock:
             if not os.path.isdir(run_dir):
                 os.makedirs(run_dir, exist_ok=True)
                 self._created_dir = run_dir
-            try:
-                fd = os.open(self.loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            return True
+            return _create_local(self.loc.path, data, me.id)
         if self.uri.startswith("s3://"):
             return self._create_s3(data)
         # Other object stores: put if absent, then check that our id is the one that stayed.
