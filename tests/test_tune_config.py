@@ -131,7 +131,7 @@ def test_saved_sweep_round_trips(tmp_path: Path):
 
 def test_metric_lists_match_what_the_training_loop_reports():
     from hrt_ray.eval.metrics import SegMetrics
-    from hrt_ray.train.loop import Meter
+    from hrt_ray.train.meter import Meter
 
     reported = SegMetrics(miou=0.5, pixel_acc=0.5, mean_acc=0.5, iou=[0.5, 0.5], support=[1, 1]).as_report(
         "val/"

@@ -41,6 +41,7 @@ from hrt_ray.models import build_model, load_checkpoint
 from hrt_ray.storage import RetryPolicy
 from hrt_ray.train.ddp_layout import align_parameter_layouts, probe_batch
 from hrt_ray.train.loss import segmentation_loss
+from hrt_ray.train.meter import Meter
 from hrt_ray.train.optim import build_optimizer, build_scheduler
 from hrt_ray.train.resume import apply_optim_config, resume_state
 from hrt_ray.train.state import rng_state, seed_everything, set_rng_state, unwrap
@@ -206,30 +207,6 @@ def validate(
 # --------------------------------------------------------------------------------------------
 # Metrics bookkeeping
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Meter:
-    """Sums over one reporting window: loss, images, step and data-wait time."""
-
-    steps: int = 0
-    images: int = 0
-    loss_sum: float = 0.0
-    wait_s: float = 0.0
-    busy_s: float = 0.0
-    skipped: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def summary(self, world_size: int) -> dict[str, float]:
-        elapsed = max(self.wait_s + self.busy_s, 1e-9)
-        return {
-            "train/loss": self.loss_sum / max(self.steps, 1),
-            "perf/images_per_s_per_worker": self.images / elapsed,
-            "perf/images_per_s": self.images / elapsed * world_size,
-            "perf/data_wait_frac": self.wait_s / elapsed,
-            "perf/step_time_s": elapsed / max(self.steps, 1),
-            "train/skipped_steps": float(self.skipped),
-        }
 
 
 def _mean_across_workers(value: float, device: torch.device) -> float:

@@ -18,7 +18,7 @@ from hrt_ray.config import ConfigError, ExperimentConfig, check_class_settings
 from hrt_ray.data import SpecError, get_spec
 from hrt_ray.eval.metrics import metrics_from_confusion
 from hrt_ray.models import default_window_size, list_models
-from hrt_ray.train.loop import Meter
+from hrt_ray.train.meter import Meter
 
 #: Stride of HRT's highest-resolution branch: every window must fit the feature map there.
 FINEST_STRIDE = 4
