@@ -83,6 +83,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _write_synced(fh: Any, data: bytes) -> None:
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
 def _create_local(path: str, data: bytes, tag: str) -> bool:
     """Create ``path`` holding ``data`` only if it does not exist, complete or not at all.
 
@@ -93,9 +99,7 @@ def _create_local(path: str, data: bytes, tag: str) -> bool:
     """
     tmp = f"{path}.{tag}.tmp"
     with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        _write_synced(fh, data)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -108,9 +112,7 @@ def _create_local(path: str, data: bytes, tag: str) -> bool:
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            _write_synced(fh, data)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
