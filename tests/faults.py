@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,20 @@ class _WrapTrainStep(WorkerCallback):
 
 
 class CrashAt(_WrapTrainStep):
-    """The last rank's process exits before iteration ``iteration``, the first time only."""
+    """The last rank's process exits before iteration ``iteration``, the first time only.
 
-    def __init__(self, iteration: int, marker: Path) -> None:
+    With ``once_stored=(run_dir, k)`` it first waits (up to ``STORED_WAIT_S``) until checkpoint
+    ``k`` is complete in the local ``run_dir``: rank 0 uploads checkpoints in the background, and
+    on a loaded box an unwaited crash lands before that upload ends, which a test that needs
+    the checkpoint on storage would take for a product failure.
+    """
+
+    STORED_WAIT_S = 180.0
+
+    def __init__(self, iteration: int, marker: Path, once_stored: tuple[Path, int] | None = None) -> None:
         self.iteration = iteration
         self.marker = str(marker)
+        self.once_stored = (str(once_stored[0]), once_stored[1]) if once_stored else None
 
     def around(
         self, step: Callable[..., Any], iteration: int, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -77,9 +87,24 @@ class CrashAt(_WrapTrainStep):
         last_rank = ctx.get_world_rank() == ctx.get_world_size() - 1
         marker = Path(self.marker)
         if iteration == self.iteration and last_rank and not marker.exists():
+            if self.once_stored:
+                _wait_until_stored(*self.once_stored, timeout=self.STORED_WAIT_S)
             marker.write_text(f"crashed at iteration {iteration}\n")
             os._exit(17)
         return step(*args, **kwargs)
+
+
+def _wait_until_stored(run_dir: str, iteration: int, timeout: float) -> None:
+    """Poll ``run_dir`` until a complete checkpoint of ``iteration`` lies there, or ``timeout``."""
+    import pyarrow.fs as pafs
+
+    from hrt_ray.train.state import complete_checkpoints
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.iteration == iteration for c in complete_checkpoints(pafs.LocalFileSystem(), run_dir)):
+            return
+        time.sleep(0.05)
 
 
 class NanLossAt(_WrapTrainStep):

@@ -317,17 +317,21 @@ def train_worker_actors(cluster: LoopbackCluster) -> list[Any]:
 
 
 def checkpoint_states(run_dir: Path) -> list[dict[str, Any]]:
-    from hrt_ray.train.state import CHECKPOINT_FILE, load_state
+    """Complete checkpoints only: a node lost mid-upload leaves a half-copied one behind."""
+    # deferred: this file also runs as the cluster helper script, which needs neither torch nor hrt_ray
+    from stored_checkpoints import complete_states
 
-    return [load_state(p) for p in sorted(run_dir.glob("checkpoint_*")) if (p / CHECKPOINT_FILE).exists()]
+    return complete_states(run_dir)
 
 
 def wait_for_checkpoint(run_dir: Path, min_iteration: int, timeout: float) -> None:
+    # deferred: this file also runs as the cluster helper script, which needs neither torch nor hrt_ray
+    from stored_checkpoints import stored_iterations
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError, RuntimeError, EOFError):
-            if any(s["iteration"] >= min_iteration for s in checkpoint_states(run_dir)):
-                return
+        if max(stored_iterations(run_dir), default=-1) >= min_iteration:
+            return
         time.sleep(0.5)
     raise AssertionError(f"no checkpoint at iteration >= {min_iteration} in {run_dir} after {timeout}s")
 

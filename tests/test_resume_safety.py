@@ -101,15 +101,17 @@ def test_changed_lr_is_refused_then_accepted_and_really_applies(
 def test_resume_starts_from_the_newest_complete_checkpoint_on_storage(
     ray_session: None, data_dir: Path, tmp_path: Path
 ) -> None:
-    """A worker dies right after the iteration-3 report: rank 0 has persisted checkpoint 3, but Ray
-    registers a round only once the controller collected every worker's report (polled every 2 s),
-    so Ray's snapshot usually stops at 1 or 2. The resume must still continue from 3."""
+    """A worker dies as soon as checkpoint 3 is complete on storage: Ray registers a round only
+    once its background upload has ended and the controller has collected every worker's report
+    (polled every 2 s), so Ray's snapshot usually stops at 1 or 2. The resume must still continue
+    from 3. (The crash waits for the upload: unwaited, a loaded box crashes mid-upload and 2 is
+    rightly the newest complete checkpoint.)"""
     from hrt_ray.train.trainer import TrainError, fit
 
     runs = tmp_path / "runs"
     cfg = tiny_config(data_dir, str(runs), "orphan", "optim.max_iters=5", "checkpoint.keep=5")
     with pytest.raises(TrainError):
-        fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
+        fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed", once_stored=(runs / "orphan", 3))])
     run_dir = runs / "orphan"
     assert not (run_dir / LOCK_FILE).exists(), "a failed run releases its lock"
     import pyarrow.fs as pafs

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from faults import CrashAt, NanLossAt
+from stored_checkpoints import complete_states
 
 from hrt_ray.config import ExperimentConfig, load_config
-from hrt_ray.train.state import CHECKPOINT_FILE, load_state
+from hrt_ray.train.state import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def tiny_config(data_dir: Path, storage: str, name: str, *overrides: str) -> Exp
 
 
 def checkpoints(run_dir: Path) -> list[dict]:
-    return [load_state(p) for p in sorted(run_dir.glob("checkpoint_*")) if (p / CHECKPOINT_FILE).exists()]
+    return complete_states(run_dir)
 
 
 @pytest.fixture(scope="module")
