@@ -37,11 +37,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hrt_ray.bench.model import _measure_in_child
-from hrt_ray.config import load_config
-from hrt_ray.data import resolve_num_classes
-from hrt_ray.infer.model import load_model
-
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor datasheets, TFLOP/s. Matched in order
 # against torch.cuda.get_device_name(), so the more specific names come first.
 DENSE_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -189,6 +184,11 @@ def _predict_and_export(work: Path, checkpoint: str) -> dict[str, Any]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"hrt-ray export failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    # deferred: Ray Data, albumentations and the eval stack load only on a GPU box (run() checks first)
+    from hrt_ray.config import load_config
+    from hrt_ray.data import resolve_num_classes
+    from hrt_ray.infer.model import load_model
+
     cfg = load_config(None)  # the embedded default (jobs/default.yaml is the same, tested)
     model = load_model(cfg, checkpoint, resolve_num_classes(cfg)).cuda().eval()
     model.channels_last = False
@@ -239,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # deferred: the benchmark stack loads only once a GPU is known to be there (no GPU: told in seconds)
+    from hrt_ray.bench.model import _measure_in_child
+
     began = time.perf_counter()
     name = torch.cuda.get_device_name()
     measured = measured_matmul_peak()
