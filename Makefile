@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# pytest processes for the unit tier (TEST_FAST_WORKERS=1: one, e.g. to debug with pdb).
+TEST_FAST_WORKERS ?= 2
 
 .PHONY: train test test-fast lint bench gpu-check clean-venv system-tools
 
@@ -28,14 +30,15 @@ system-tools:
 	  && (apt-get update -qq && apt-get install -y -qq rsync >/dev/null); } \
 	  || { echo "make test needs rsync (e.g. apt-get install rsync)" >&2; exit 1; }
 
-# Everything (what CI runs): real Ray clusters and an S3-compatible server on loopback.
+# Everything (what CI runs): the unit tier as test-fast runs it, then the slow tier (real Ray
+# clusters and an S3-compatible server on loopback) in one process, its 15 slowest tests printed.
 test: lint system-tools
-	$(VENV)/bin/python -m pytest tests --durations=15
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) -q
+	$(VENV)/bin/python -m pytest tests -m slow --durations=15
 
 # The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).
 # Two pytest processes, one torch thread each: these tests run many tiny ops, where a second
 # thread per op buys nothing and two processes halve the wall time on a 2-core box.
-TEST_FAST_WORKERS ?= 2
 test-fast: lint
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) --durations=10
 
