@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from faults import CrashAt
+from stored_checkpoints import complete_states
 from test_train_ray import tiny_config as base_config
 
 from hrt_ray.train.resume import ResumeConfigError
 from hrt_ray.train.runlock import LOCK_FILE
-from hrt_ray.train.state import complete_checkpoints, load_state
+from hrt_ray.train.state import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +34,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def newest_state(run_dir: Path) -> dict:
-    import pyarrow.fs as pafs
-
-    newest = complete_checkpoints(pafs.LocalFileSystem(), str(run_dir))[-1]
-    return load_state(newest.path)
+    return complete_states(run_dir)[-1]
 
 
 def test_changed_lr_is_refused_then_accepted_and_really_applies(
