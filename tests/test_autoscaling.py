@@ -46,7 +46,6 @@ GPU = "fake_gpu"
 OBJECT_STORE = 150 * 2**20
 
 
-
 # --------------------------------------------------------------------------------------------
 # The preflight's arithmetic, on the real cluster files (no Ray needed)
 # --------------------------------------------------------------------------------------------
@@ -292,9 +291,18 @@ class FakeAutoscalingCluster:
         return (self.root / "head.log").read_text()[-3000:]
 
     def status(self) -> Any:
+        """The autoscaler's view; a GCS slow to answer on a loaded box is asked again, not failed."""
         from ray.autoscaler.v2.sdk import get_cluster_status
+        from ray.exceptions import RpcError
 
-        return get_cluster_status(self.gcs)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return get_cluster_status(self.gcs, timeout=30)
+            except RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
 
     def worker_nodes(self) -> list[str]:
         """Node types of the worker nodes that are up or launching."""
@@ -464,9 +472,7 @@ def test_infeasible_request_fails_at_once_naming_the_node_types(
 
 
 @pytest.mark.slow
-def test_training_job_scales_up_runs_and_scales_down(
-    cluster: FakeAutoscalingCluster, workdir: Path
-) -> None:
+def test_training_job_scales_up_runs_and_scales_down(cluster: FakeAutoscalingCluster, workdir: Path) -> None:
     """Zero workers at the start; one worker asks for a GPU: the autoscaler launches the
     single-GPU spot type (best fit, then priority), the run finishes, the nodes idle away.
 
@@ -484,9 +490,7 @@ def test_training_job_scales_up_runs_and_scales_down(
 
 
 @pytest.mark.slow
-def test_spot_unavailable_launches_the_on_demand_twin(
-    cluster: FakeAutoscalingCluster, workdir: Path
-) -> None:
+def test_spot_unavailable_launches_the_on_demand_twin(cluster: FakeAutoscalingCluster, workdir: Path) -> None:
     """No spot capacity (the spot type may launch nothing): the same job gets on-demand."""
     with cluster.node_types(gpu1_spot={"max_workers": 0}):
         seen: list[str] = []

@@ -313,20 +313,35 @@ def _submit(cluster: IsolatedCluster, cmd: list[str]) -> subprocess.CompletedPro
         time.sleep(5)
 
 
+#: Runtime-env set-up log lines worth showing when a job's package did not reach a node.
+SETUP_WORDS = ("Failed", "ERROR", "Downloading", "Listening", "Deleting", "Removed")
+
+
 def _agent_failures(cluster: IsolatedCluster) -> str:
-    """The nodes' runtime-env agent lines on failures and downloads, and the GCS's package references."""
+    """What each node said about the job's packages: the evidence a failed download leaves.
+
+    The agents log a runtime env's set-up (download, failure) per job in
+    ``runtime_env_setup-<job>.log``; the GCS logs its URI references; the helper logs failed node
+    starts (a node whose start timed out keeps running beside its retry).
+    """
+    ray_dir = cluster.root / "ray"
     lines = []
-    for log in sorted((cluster.root / "ray").glob("*/session_2*/logs/runtime_env_agent.log")):
-        node = log.relative_to(cluster.root / "ray").parts[0]
+    for log in sorted(ray_dir.glob("*/session_2*/logs/runtime_env_*.log")):
+        node = log.relative_to(ray_dir).parts[0]
         for line in log.read_text(errors="replace").splitlines():
-            if "Failed" in line or "ERROR" in line or "Downloading package" in line:
-                lines.append(f"[{node}] {line[:400]}")
-    gcs = []
-    for log in sorted((cluster.root / "ray").glob("*/session_2*/logs/gcs_server.out")):
-        # The GCS's periodic state dump: which IDs hold which package, and the reference counts.
-        gcs += [ln[:300] for ln in log.read_text(errors="replace").splitlines() if "runtime env manager" in ln
-                or "_ray_pkg" in ln]  # fmt: skip
-    return "\n".join(lines[-40:] + gcs[-16:]) or "(no agent or GCS log lines)"
+            if any(word in line for word in SETUP_WORDS):
+                lines.append(f"[{node} {log.name}] {line[:300]}")
+    gcs = [
+        f"[gcs] {ln[:300]}"
+        for log in sorted(ray_dir.glob("*/session_2*/logs/gcs_server.out"))
+        for ln in log.read_text(errors="replace").splitlines()
+        if "URI" in ln or "_ray_pkg" in ln or "Registering node" in ln or "register node" in ln.lower()
+    ]
+    helper_log = cluster.root / "cluster.log"
+    helper = helper_log.read_text(errors="replace").splitlines() if helper_log.exists() else []
+    starts = [f"[helper] {ln[:300]}" for ln in helper if "attempt" in ln]
+    nodes = sorted(str(p.relative_to(ray_dir)) for p in ray_dir.glob("*/session_2*"))
+    return "\n".join(lines[-60:] + gcs[-30:] + starts[-10:] + [f"session dirs: {nodes}"])
 
 
 @pytest.mark.slow
