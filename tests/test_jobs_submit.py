@@ -133,6 +133,7 @@ def _node_env(root: Path) -> Path:
 #: 127.0.0.1) and otherwise advertises the machine's external address.
 CLUSTER_HELPER = """
 import json, os, signal, sys
+from ray._private.utils import write_ray_address
 from ray.cluster_utils import Cluster
 
 temp_root, worker_cpus = sys.argv[1], float(sys.argv[2])
@@ -171,6 +172,11 @@ for attempt, (dashboard_port, agent_port) in enumerate(port_pairs):
         kill_attempt(temp_dir)
 else:
     raise SystemExit("head node did not start")
+# As `ray start --head --temp-dir` does on a head node: record the cluster's address in the head's
+# temp dir. Ray's job supervisor resolves the driver's RAY_ADDRESS ("auto") from that file; without
+# it, it takes any GCS process it finds on the machine, which on this box may be another test's
+# Ray, and the job's driver then runs on the wrong cluster (Cluster writes the file to /tmp/ray only).
+write_ray_address(cluster.address, temp_dir)
 for attempt in range(4):
     try:
         # Its own temp dir, as on a real machine: nodes sharing one would unpack the job's
@@ -297,10 +303,6 @@ def isolated_cluster() -> Iterator[IsolatedCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-#: Ray's message when a node cannot fetch the job's working-dir package from the GCS.
-PACKAGE_GONE = "Failed to download runtime_env file package"
-
-
 def _submit(cluster: IsolatedCluster, cmd: list[str]) -> subprocess.CompletedProcess[str]:
     """`ray job submit`, retried only while the head's job agent is still starting (loaded box)."""
     deadline = time.monotonic() + 240
@@ -317,8 +319,8 @@ def _submit(cluster: IsolatedCluster, cmd: list[str]) -> subprocess.CompletedPro
 SETUP_WORDS = ("Failed", "ERROR", "Downloading", "Listening", "Deleting", "Removed")
 
 
-def _agent_failures(cluster: IsolatedCluster) -> str:
-    """What each node said about the job's packages: the evidence a failed download leaves.
+def _node_evidence(cluster: IsolatedCluster) -> str:
+    """What the nodes logged about the job's packages and starts: the evidence a failed job leaves.
 
     The agents log a runtime env's set-up (download, failure) per job in
     ``runtime_env_setup-<job>.log``; the GCS logs its URI references; the helper logs failed node
@@ -372,7 +374,8 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
         "import os, hrt_ray, hrt_ray.data;"
         "print('HRT_RAY_FILE', hrt_ray.__file__);"
         "print('HRT_RAY_DATA_FILE', hrt_ray.data.__file__);"
-        "print('SHIPPED', sorted(os.listdir('.')))"
+        "print('SHIPPED', sorted(os.listdir('.')));"
+        "print('DRIVER_RAY_ADDRESS', os.environ.get('RAY_ADDRESS'))"
     )
     script = (
         f"python -c {json.dumps(show)} && python -m hrt_ray train --config jobs/default.yaml "
@@ -384,23 +387,18 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
         "--working-dir", str(repo),
         "--runtime-env", str(repo / RUNTIME_ENV),
     ]  # fmt: skip
-    for attempt, sid in enumerate(("hrt-iso-ok", "hrt-iso-ok-again")):
-        if attempt:
-            # Ray's own race (ray-project/ray#36703, open; seen twice on CI, never here): a node's
-            # runtime-env agent got no bytes for the working-dir package from the GCS, though the
-            # job server still listed it. The agent caches that failure for 10 minutes per
-            # runtime env, so resubmitting the same package fails at once; Ray's message advises
-            # changing a file in it, which makes a new package (a new gcs:// URI).
-            (repo / "RESUBMITTED.txt").write_text(f"after {PACKAGE_GONE!r} in the first submission\n")
-        ok = _submit(cluster, [*submit, "--submission-id", sid, "--", "bash", "-c", f"{script} --no-eval"])
-        logs = cluster.ray("job", "logs", "--address", cluster.dashboard, sid).stdout
-        if ok.returncode == 0 or PACKAGE_GONE not in ok.stdout + ok.stderr + logs:
-            break
-        print(f"{sid}: {PACKAGE_GONE}; the nodes' runtime-env agents said:\n{_agent_failures(cluster)}")
-    agents = _agent_failures(cluster)
-    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:] + "\nagents:\n" + agents
+    sid = "hrt-iso-ok"
+    ok = _submit(cluster, [*submit, "--submission-id", sid, "--", "bash", "-c", f"{script} --no-eval"])
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, sid).stdout
+    assert ok.returncode == 0, (
+        ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:] + "\nnodes:\n" + _node_evidence(cluster)
+    )
 
-    lines = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(("HRT_RAY_", "SHIPPED")))
+    shown = ("HRT_RAY_", "SHIPPED", "DRIVER_")
+    lines = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(shown))
+    # Ray's job supervisor resolves the driver's RAY_ADDRESS from the head's bootstrap file; it
+    # must name this cluster's GCS, not another Ray instance on the machine.
+    assert lines["DRIVER_RAY_ADDRESS"] == cluster.gcs, lines
     for key in ("HRT_RAY_FILE", "HRT_RAY_DATA_FILE"):
         imported = Path(lines[key])
         assert "runtime_resources" in imported.parts and "working_dir_files" in imported.parts, lines
