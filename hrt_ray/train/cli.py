@@ -249,10 +249,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _keep_log(local: Path, uri: str, endpoint: str | None) -> None:
-    """Copy the captured driver output into the run directory (best effort: never masks an error)."""
+    """Copy the captured driver output into the run directory (best effort: never masks an error).
+
+    Kept even when empty: the summary names this file, and an empty log is itself the answer
+    (Ray and its libraries printed nothing beside the progress lines).
+    """
     # deferred: `hrt-ray --help` imports this module; pyarrow loads only for a run
     from hrt_ray import storage
 
-    if local.is_file() and local.stat().st_size:
+    if local.is_file():
         with contextlib.suppress(Exception):
             storage.write_bytes(uri, local.read_bytes(), endpoint)
