@@ -33,8 +33,9 @@ default V2 reader lists files on every execution, and each listing starts a pool
 ``FooterReader`` actors (new processes, killed at the end) to read footers. Every train epoch
 and every validation pass is an execution, and each pass started 13 actor processes plus
 prestarted idle workers on a 4-CPU node: 36 to 49 Python processes for a 4-iteration run,
-against 15 with V1. V1 reads the few footers once, when the dataset is built; the shard list
-comes from the manifest anyway.
+against 15 with V1 (a 4-CPU local instance on the 2-core development box, 2026-12-02, under
+varying load; the README has the test-suite times). V1 reads the few footers once, when the
+dataset is built; the shard list comes from the manifest anyway.
 """
 
 from __future__ import annotations
