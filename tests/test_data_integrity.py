@@ -76,6 +76,22 @@ def test_matching_spec_is_accepted(ray_session, tmp_path: Path) -> None:
     train, val = _synth_set(tmp_path)
     datasets = build_datasets(load_config(None, [f"data.train_uri={train}", f"data.val_uri={val}"]))
     assert set(datasets) == {"train", "val"}
+    # Read with the V1 Parquet reader: Ray's V2 reader adds a ListFiles operator that starts a pool
+    # of footer-reading actor processes on every epoch and every validation pass.
+    for name, ds in datasets.items():
+        operators = _operators(ds)
+        assert "ReadParquet" in operators, (name, operators)
+        assert not any("ListFiles" in op for op in operators), (name, operators)
+
+
+def _operators(ds) -> list[str]:
+    """Names of the dataset's logical operators, from the output back to the reads."""
+    names, todo = [], [ds._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        names.append(op.name)
+        todo += op.input_dependencies
+    return names
 
 
 # ------------------------------------------------------------------------------------------
