@@ -315,35 +315,26 @@ def _submit(cluster: IsolatedCluster, cmd: list[str]) -> subprocess.CompletedPro
         time.sleep(5)
 
 
-#: Runtime-env set-up log lines worth showing when a job's package did not reach a node.
-SETUP_WORDS = ("Failed", "ERROR", "Downloading", "Listening", "Deleting", "Removed")
+#: Runtime-env log lines worth showing when a job failed on the nodes.
+SETUP_WORDS = ("Failed", "ERROR", "Downloading")
 
 
 def _node_evidence(cluster: IsolatedCluster) -> str:
-    """What the nodes logged about the job's packages and starts: the evidence a failed job leaves.
+    """What the nodes logged about the job's runtime env, and the helper's failed node starts.
 
-    The agents log a runtime env's set-up (download, failure) per job in
-    ``runtime_env_setup-<job>.log``; the GCS logs its URI references; the helper logs failed node
-    starts (a node whose start timed out keeps running beside its retry).
+    The agents log each runtime env's set-up (download, failure) per job in
+    ``runtime_env_setup-<job>.log``; a node whose start timed out keeps running beside its retry.
     """
     ray_dir = cluster.root / "ray"
-    lines = []
-    for log in sorted(ray_dir.glob("*/session_2*/logs/runtime_env_*.log")):
-        node = log.relative_to(ray_dir).parts[0]
-        for line in log.read_text(errors="replace").splitlines():
-            if any(word in line for word in SETUP_WORDS):
-                lines.append(f"[{node} {log.name}] {line[:300]}")
-    gcs = [
-        f"[gcs] {ln[:300]}"
-        for log in sorted(ray_dir.glob("*/session_2*/logs/gcs_server.out"))
-        for ln in log.read_text(errors="replace").splitlines()
-        if "URI" in ln or "_ray_pkg" in ln or "Registering node" in ln or "register node" in ln.lower()
+    lines = [
+        f"[{log.relative_to(ray_dir).parts[0]} {log.name}] {line[:300]}"
+        for log in sorted(ray_dir.glob("*/session_2*/logs/runtime_env_*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if any(word in line for word in SETUP_WORDS)
     ]
     helper_log = cluster.root / "cluster.log"
     helper = helper_log.read_text(errors="replace").splitlines() if helper_log.exists() else []
-    starts = [f"[helper] {ln[:300]}" for ln in helper if "attempt" in ln]
-    nodes = sorted(str(p.relative_to(ray_dir)) for p in ray_dir.glob("*/session_2*"))
-    return "\n".join(lines[-60:] + gcs[-30:] + starts[-10:] + [f"session dirs: {nodes}"])
+    return "\n".join(lines[-60:] + [f"[helper] {ln[:300]}" for ln in helper if "attempt" in ln][-10:])
 
 
 @pytest.mark.slow
@@ -390,15 +381,15 @@ def test_job_on_isolated_nodes_runs_from_the_uploaded_package(isolated_cluster: 
     sid = "hrt-iso-ok"
     ok = _submit(cluster, [*submit, "--submission-id", sid, "--", "bash", "-c", f"{script} --no-eval"])
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, sid).stdout
-    assert ok.returncode == 0, (
-        ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:] + "\nnodes:\n" + _node_evidence(cluster)
-    )
-
     shown = ("HRT_RAY_", "SHIPPED", "DRIVER_")
     lines = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(shown))
     # Ray's job supervisor resolves the driver's RAY_ADDRESS from the head's bootstrap file; it
-    # must name this cluster's GCS, not another Ray instance on the machine.
-    assert lines["DRIVER_RAY_ADDRESS"] == cluster.gcs, lines
+    # must name this cluster's GCS, not another Ray instance on the machine. Checked first: a
+    # driver on another instance fails later with a package error that hides the cause.
+    assert lines.get("DRIVER_RAY_ADDRESS") == cluster.gcs, (lines, logs[-4000:])
+    assert ok.returncode == 0, (
+        ok.stdout[-4000:] + ok.stderr[-4000:] + logs[-4000:] + "\nnodes:\n" + _node_evidence(cluster)
+    )
     for key in ("HRT_RAY_FILE", "HRT_RAY_DATA_FILE"):
         imported = Path(lines[key])
         assert "runtime_resources" in imported.parts and "working_dir_files" in imported.parts, lines
