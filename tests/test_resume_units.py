@@ -20,7 +20,14 @@ from hrt_ray.train.state import CHECKPOINT_FILE, complete_checkpoints, save_stat
 
 
 def run_config(tmp_path: Path, *overrides: str):
-    return load_config(None, ["name=r", f"storage.path={tmp_path / 'runs'}", *overrides])
+    # Data under tmp_path too: the default data/synthetic of the checkout (what `make train`
+    # writes) holds a manifest whose class count the resume check would read instead.
+    data = tmp_path / "data"
+    return load_config(
+        None,
+        ["name=r", f"storage.path={tmp_path / 'runs'}", f"data.train_uri={data}/train",
+         f"data.val_uri={data}/val", *overrides],
+    )  # fmt: skip
 
 
 def write_checkpoint(run_dir: Path, stamp: str, iteration: int, cfg) -> Path:
