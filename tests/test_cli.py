@@ -72,3 +72,19 @@ def test_a_config_mistake_answers_without_importing_torch_or_ray():
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "config error: " in proc.stderr and "optim.lr" in proc.stderr, proc.stderr
         assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_the_driver_log_is_kept_empty_only_for_a_finished_run(tmp_path):
+    """A run refused before it started (the GPU preflight's deadline) must leave no run
+    directory behind; a finished run keeps its log even when empty, because the summary names it."""
+    from hrt_ray.train.cli import _keep_log
+
+    empty, said = tmp_path / "empty.log", tmp_path / "said.log"
+    empty.write_text("")
+    said.write_text("a warning from Ray\n")
+    _keep_log(empty, str(tmp_path / "refused" / "logs" / "driver.log"), None)
+    assert not (tmp_path / "refused").exists()
+    _keep_log(said, str(tmp_path / "failed" / "logs" / "driver.log"), None)
+    assert (tmp_path / "failed" / "logs" / "driver.log").read_text() == "a warning from Ray\n"
+    _keep_log(empty, str(tmp_path / "finished" / "logs" / "driver.log"), None, keep_empty=True)
+    assert (tmp_path / "finished" / "logs" / "driver.log").read_text() == ""

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         # disconnects: let that happen now, into the run's log, not after the summary.
         with console_to(driver_log, enabled=True):
             _shutdown_ray()
-    _keep_log(driver_log, log_uri, cfg.storage.endpoint)
+    _keep_log(driver_log, log_uri, cfg.storage.endpoint, keep_empty=True)
     for result in evaluated:
         print(result.table())
     print("\n".join(summary.lines()))
@@ -248,15 +248,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep_log(local: Path, uri: str, endpoint: str | None) -> None:
+def _keep_log(local: Path, uri: str, endpoint: str | None, *, keep_empty: bool = False) -> None:
     """Copy the captured driver output into the run directory (best effort: never masks an error).
 
-    Kept even when empty: the summary names this file, and an empty log is itself the answer
-    (Ray and its libraries printed nothing beside the progress lines).
+    A finished run keeps its log even when empty (``keep_empty``): the summary names the file,
+    and an empty log is itself the answer (Ray printed nothing beside the progress lines). A run
+    that failed or was stopped keeps it only when there is something in it, so a run refused
+    before it started (e.g. the GPU preflight's deadline) leaves no run directory behind.
     """
     # deferred: `hrt-ray --help` imports this module; pyarrow loads only for a run
     from hrt_ray import storage
 
-    if local.is_file():
+    if local.is_file() and (keep_empty or local.stat().st_size > 0):
         with contextlib.suppress(Exception):
             storage.write_bytes(uri, local.read_bytes(), endpoint)
