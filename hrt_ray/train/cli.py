@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from hrt_ray.config import load_config
+from hrt_ray.config import ExperimentConfig, load_config
 from hrt_ray.ray_local import ensure_ray, logs_dir
 
 DEFAULT_JOB = Path("jobs/default.yaml")
@@ -157,6 +157,16 @@ def run(args: argparse.Namespace) -> int:
     # A resume with a changed config or another model is refused before Ray even starts.
     check_resume(cfg, accept_changes=args.accept_config_change)
 
+    verbose = bool(getattr(args, "verbose", False))
+    ensure_ray(verbose=verbose)
+    quiet_libraries(verbose)
+    # the progress relay and the captured driver output; copied to storage, then removed
+    with tempfile.TemporaryDirectory(prefix="hrt-train-") as tmp:
+        return _train(args, cfg, Path(tmp), verbose)
+
+
+def _train(args: argparse.Namespace, cfg: ExperimentConfig, scratch: Path, verbose: bool) -> int:
+    """Fit, evaluate and summarise ``cfg``, with the relay and driver log under ``scratch``."""
     # deferred: `hrt-ray --help` imports this module; torch and Ray load after the config and resume checks
     from hrt_ray import storage
     from hrt_ray.eval.run import evaluate_checkpoint
@@ -165,10 +175,6 @@ def run(args: argparse.Namespace) -> int:
     from hrt_ray.train.progress import Progress, relay_callbacks
     from hrt_ray.train.trainer import TrainError, TrainSummary, fit
 
-    verbose = bool(getattr(args, "verbose", False))
-    ensure_ray(verbose=verbose)
-    quiet_libraries(verbose)
-    scratch = Path(tempfile.mkdtemp(prefix="hrt-train-"))
     relay, driver_log = str(scratch / "reports.jsonl"), scratch / "driver.log"
     log_uri = f"{run_uri(cfg)}/logs/driver.log"
     evaluated: list[Any] = []  # the final checkpoint's evaluation, printed once the run is over
