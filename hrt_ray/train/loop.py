@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -263,6 +264,8 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+        if self.remote:  # everything is on storage after each report; the local copy is scratch
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _last_checkpoint_text(iteration: int | None) -> str:
@@ -628,16 +631,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         worker.validate_at_start()
 
     worker.meter = Meter()
-    while worker.iteration < cfg.optim.max_iters:
-        if worker.one_pass(worker.train_batches(train_shard)) == 0:
-            raise RuntimeError(
-                f"rank {rank}: the training shard of {cfg.data.train_uri} yielded no batch of "
-                f"{cfg.data.batch_size // max(world, 1)} in epoch {worker.data_epoch} (too few samples "
-                f"for data.batch_size over {world} workers?)"
-            )
-        if worker.iteration < cfg.optim.max_iters:
-            worker.guard.end_epoch(worker.data_epoch)
-            worker.data_epoch += 1
-    if worker.tb is not None:
-        worker.tb.close()
+    try:
+        while worker.iteration < cfg.optim.max_iters:
+            if worker.one_pass(worker.train_batches(train_shard)) == 0:
+                raise RuntimeError(
+                    f"rank {rank}: the training shard of {cfg.data.train_uri} yielded no batch of "
+                    f"{cfg.data.batch_size // max(world, 1)} in epoch {worker.data_epoch} (too few "
+                    f"samples for data.batch_size over {world} workers?)"
+                )
+            if worker.iteration < cfg.optim.max_iters:
+                worker.guard.end_epoch(worker.data_epoch)
+                worker.data_epoch += 1
+    finally:
+        if worker.tb is not None:
+            worker.tb.close()
     return worker.result()
