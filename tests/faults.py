@@ -7,9 +7,9 @@ worker.py``). There these callbacks wrap :func:`hrt_ray.train.loop.train_step`, 
 looks up through its module globals at every call, so the fault hits the real loop:
 
 * :class:`CrashAt` ends the last rank's process (``os._exit(17)``, as a lost worker would) just
-  before it runs iteration ``k``, once per marker file: a restarted group runs on;
-* :class:`NanLossAt` makes the loss of iteration ``k`` NaN on every rank, so the production
-  non-finite-loss check (and the run's fail-fast path) fires.
+  before it runs iteration ``k``, once per marker file: a restarted group runs on.
+
+(A non-finite loss needs no injection: a huge learning rate produces one, see test_fail_fast.py.)
 
 The iteration about to run is ``scheduler.last_epoch + 1``, as the step itself counts it, so a
 fault lands on the same iteration after a resume. The workers import ``hrt_ray`` but not this
@@ -105,29 +105,3 @@ def _wait_until_stored(run_dir: str, iteration: int, timeout: float) -> None:
         if any(c.iteration == iteration for c in complete_checkpoints(pafs.LocalFileSystem(), run_dir)):
             return
         time.sleep(0.05)
-
-
-class NanLossAt(_WrapTrainStep):
-    """The loss of iteration ``iteration`` is NaN (the real loss, times NaN), on every rank."""
-
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def around(
-        self, step: Callable[..., Any], iteration: int, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if iteration != self.iteration:
-            return step(*args, **kwargs)
-        from hrt_ray.train import loop
-
-        real_loss = loop.segmentation_loss
-
-        def poisoned(*a: Any, **kw: Any) -> Any:
-            loss, parts = real_loss(*a, **kw)
-            return loss * float("nan"), parts
-
-        loop.segmentation_loss = poisoned
-        try:
-            return step(*args, **kwargs)
-        finally:
-            loop.segmentation_loss = real_loss

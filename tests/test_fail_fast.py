@@ -4,17 +4,20 @@ Ray Train's ``FailureConfig(max_failures=N)`` would restart the worker group N t
 corrupt record or a NaN loss, which fail the same way every time. These runs keep
 ``failure.max_failures=3`` and check that the first failure ends the run with the worker's
 own error (a ``DataError`` naming the record, a ``NonFiniteLossError``), through the
-``FailFast`` callback, not Ray's retry budget.
+``FailFast`` callback, not Ray's retry budget; and that a blown-up run leaves no checkpoint of
+a non-finite state.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faults import NanLossAt
+import torch
+from stored_checkpoints import complete_states
 
 from hrt_ray.config import ExperimentConfig, load_config
 
@@ -51,6 +54,7 @@ def test_classification_sees_through_rays_wrappers() -> None:
 
     from hrt_ray.data import DataError
     from hrt_ray.train.failures import deterministic_error, is_deterministic
+    from hrt_ray.train.loop import NonFiniteLossError, NonFiniteStateError
 
     data = DataError("part-00000.parquet: record 'x': image does not decode")
     assert deterministic_error(UserExceptionWithTraceback(data, "Traceback ...")) is data
@@ -65,24 +69,52 @@ def test_classification_sees_through_rays_wrappers() -> None:
     assert isinstance(found, DataError) and str(found) == "shard 3: record 'k': bad PNG"
     state = RuntimeError('Error(s) in loading state_dict for HRTOCR:\n\tsize mismatch for "w"')
     assert is_deterministic(UserExceptionWithTraceback(state, "tb"))
+    # A non-finite loss, or weights blown up by a step, recurs on every retry from the same state.
+    loss = NonFiniteLossError("non-finite loss (nan) at iteration 3; this step was not applied")
+    weights = NonFiniteStateError("non-finite weights or optimizer state after iteration 2")
+    for error in (loss, weights):
+        assert deterministic_error(UserExceptionWithTraceback(error, "Traceback ...")) is error
     for retryable in (ConnectionError("peer reset"), RuntimeError("NCCL timeout"), OSError("node died")):
         assert not is_deterministic(UserExceptionWithTraceback(retryable, "tb"))
 
 
 @pytest.mark.slow
-def test_non_finite_loss_is_not_retried(ray_session: None, tmp_path: Path) -> None:
+def test_a_blown_up_run_stops_at_once_without_a_non_finite_checkpoint(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """A huge learning rate blows the weights up (nothing is injected: the config alone does it).
+
+    The non-finite loss ends the run on its first occurrence, although ``max_failures=3``, and
+    no checkpoint after the last finite one is saved (an async upload of the last reported
+    checkpoint may be cut short by the stop, never one after it).
+    """
     from ray.train import ControllerError
 
     from hrt_ray.train.failures import DeterministicFailure
     from hrt_ray.train.trainer import TrainError, fit
 
-    with pytest.raises(TrainError, match=r"NonFiniteLossError: non-finite loss") as info:
-        fit(tiny(tmp_path, "nan"), callbacks=[NanLossAt(2)])
+    cfg = tiny(tmp_path, "blowup", "optim.lr=1e10", "optim.max_iters=12")
+    with pytest.raises(TrainError, match=r"NonFinite(Loss|State)Error: non-finite") as info:
+        fit(cfg)
     # Ended by FailFast on the first failure (a ControllerError), not after max_failures retries
     # (Ray's WorkerGroupError).
     ray_error = info.value.__cause__
     assert isinstance(ray_error, ControllerError), type(ray_error)
     assert isinstance(ray_error.controller_failure, DeterministicFailure)
+    message = str(info.value)
+    assert "no broken state is saved" not in message
+    match = re.search(
+        r"the last checkpoint \(reported; the run resumes from it\) is at iteration (\d+)", message
+    )
+    assert match, message
+    states = complete_states(tmp_path / "runs" / "blowup")
+    assert states, "the iterations before the blow-up were checkpointed"
+    assert max(s["iteration"] for s in states) <= int(match.group(1))
+    for s in states:
+        for name, v in s["model"].items():
+            assert not v.is_floating_point() or torch.isfinite(v).all(), f"iteration {s['iteration']}: {name}"
+        for st in s["optimizer"]["state"].values():
+            assert all(torch.isfinite(t).all() for t in st.values() if torch.is_tensor(t))
 
 
 @pytest.mark.slow

@@ -377,45 +377,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_default_job_spreads_workers_over_nodes_on_loopback(
-    cluster: LoopbackCluster, data: Path, tmp_path: Path
-) -> None:
-    runs = tmp_path / "runs"
-    submit(cluster, "spread", tiny_job("spread", runs, data, 4, "checkpoint.every=2"))
-    status, logs = wait_job(cluster, "spread", timeout=480)
-    assert status == "SUCCEEDED", logs[-4000:]
-    summary = json.loads((runs / "spread" / "summary.json").read_text())
-    assert summary["iteration"] == 4
-    assert summary["checkpoint"].startswith(str(runs / "spread" / "checkpoint_"))
-    assert 0.0 <= summary["final_miou"] <= 1.0
-    assert "run            spread (4 iterations)" in logs
-    # Two training workers, each on its own worker node (never the head).
-    workers = train_worker_actors(cluster)
-    assert len(workers) == 2, workers
-    nodes = {a.node_id for a in workers}
-    assert len(nodes) == 2 and nodes <= set(cluster.workers), (nodes, cluster.workers)
-    # All nodes registered as 127.0.0.1, and no process of the cluster holds a connection to
-    # any other address.
-    psutil = _psutil()
-    remote_ips = set()
-    for pid in cluster.pids():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            for conn in psutil.Process(pid).net_connections(kind="inet"):
-                if conn.raddr:
-                    remote_ips.add(conn.raddr.ip)
-    assert remote_ips and remote_ips <= {"127.0.0.1", "::ffff:127.0.0.1"}, remote_ips
-    assert cluster.head_ip == "127.0.0.1"
-
-
-
 def test_lost_node_restarts_from_last_checkpoint_on_remaining_nodes(
     cluster: LoopbackCluster, data: Path, tmp_path: Path
 ) -> None:
-    """A fixed-size run (the published configs' mode) loses a node hosting one of its workers.
+    """A fixed-size run (the published configs' mode), submitted with ``ray job submit``, spreads
+    its workers over the worker nodes, then loses a node hosting one of them.
 
     Ray Train charges the worker-group failure to ``failure.max_failures``, restarts the whole
     group from the latest checkpoint on the nodes that are left (here the spare third node, on
-    a cloud the node the autoscaler launches), and the run finishes.
+    a cloud the node the autoscaler launches), and the run finishes. Every process of the
+    cluster talks to 127.0.0.1 only.
     """
     runs = tmp_path / "runs"
     run_dir = runs / "lost"
@@ -424,12 +395,18 @@ def test_lost_node_restarts_from_last_checkpoint_on_remaining_nodes(
     wait_for_checkpoint(run_dir, 2, timeout=480)
     first_group = [a for a in train_worker_actors(cluster) if a.actor_id not in before and a.state == "ALIVE"]
     assert len(first_group) == 2, first_group
+    # Two training workers, each on its own worker node (never the head).
+    first_nodes = {a.node_id for a in first_group}
+    assert len(first_nodes) == 2 and first_nodes <= set(cluster.workers), (first_nodes, cluster.workers)
     victim = first_group[-1].node_id
     cluster.remove_node(victim)
     status, logs = wait_job(cluster, "lost", timeout=600)
     assert status == "SUCCEEDED", logs[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iteration"] == 12
+    assert summary["checkpoint"].startswith(str(run_dir / "checkpoint_"))
+    assert 0.0 <= summary["final_miou"] <= 1.0
+    assert f"run            lost (12 iterations, resumed at iteration {summary['resumed_from']})" in logs
     # Resumed from a checkpoint taken before the loss, not from scratch and not after the end.
     assert summary["resumed_from"] is not None and 2 <= summary["resumed_from"] < 12, summary
     # The quiet console says what happened and which failure budget it was charged to.
@@ -443,6 +420,17 @@ def test_lost_node_restarts_from_last_checkpoint_on_remaining_nodes(
     assert len({a.node_id for a in restarted}) == 2
     # Every checkpoint was written by a 2-worker group (one RNG state per rank).
     assert {len(s["rng"]) for s in checkpoint_states(run_dir)} == {2}
+    # All nodes registered as 127.0.0.1, and no process of the cluster holds a connection to
+    # any other address.
+    psutil = _psutil()
+    remote_ips = set()
+    for pid in cluster.pids():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.raddr:
+                    remote_ips.add(conn.raddr.ip)
+    assert remote_ips and remote_ips <= {"127.0.0.1", "::ffff:127.0.0.1"}, remote_ips
+    assert cluster.head_ip == "127.0.0.1"
 
 
 def test_preempted_node_is_survived_elastically_without_spending_max_failures(

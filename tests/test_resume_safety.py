@@ -108,7 +108,7 @@ def test_resume_starts_from_the_newest_complete_checkpoint_on_storage(
 
     runs = tmp_path / "runs"
     cfg = tiny_config(data_dir, str(runs), "orphan", "optim.max_iters=5", "checkpoint.keep=5")
-    with pytest.raises(TrainError):
+    with pytest.raises(TrainError):  # failure.max_failures=0: the crash ends the run
         fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed", once_stored=(runs / "orphan", 3))])
     run_dir = runs / "orphan"
     assert not (run_dir / LOCK_FILE).exists(), "a failed run releases its lock"

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,13 +149,23 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_ray_starts(tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+    ("signum", "code", "on_cluster"),
+    [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, True)],
+    ids=["SIGINT-local", "SIGTERM-cluster"],
 )
 def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
-    tmp_path: Path, signum: signal.Signals, code: int
+    tmp_path: Path, request: pytest.FixtureRequest, signum: signal.Signals, code: int, on_cluster: bool
 ) -> None:
+    """Ctrl-C on a laptop (the command's own local Ray), and SIGTERM to a driver on a running
+    cluster (what ``ray job stop`` and Kubernetes send; here the session's Ray, joined through
+    ``RAY_ADDRESS``): one line each, and on the cluster the run's workers are gone after it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
+    if on_cluster:
+        request.getfixturevalue("ray_session")
+        import ray
+
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     args = [*tiny(tmp_path, "sig"), "optim.max_iters=500", "checkpoint.every=1", "eval.at_start=false"]
     with subprocess.Popen(
         [sys.executable, "-m", "hrt_ray", "train", "--no-eval", *args],
@@ -183,3 +194,14 @@ def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
         last,
     ), err
     assert "Traceback" not in err and "SIGABRT" not in err and "*** " not in err, err
+    if on_cluster:  # the driver's exit ended the job: none of its training workers lives on
+        from ray.util.state import list_actors
+
+        deadline = time.monotonic() + 60
+        while alive := list_actors(
+            address=env["RAY_ADDRESS"],
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            raise_on_missing_output=False,
+        ):
+            assert time.monotonic() < deadline, alive
+            time.sleep(1)

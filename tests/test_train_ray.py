@@ -1,5 +1,8 @@
 """Distributed training on a real local Ray (2 CPU workers, gloo): report, checkpoint, validate,
-resume, survive a killed worker, stop on a non-finite loss, refuse impossible requests, evaluate.
+survive a killed worker, refuse impossible requests, evaluate.
+
+A run interrupted and run again is in test_resume_safety.py (locally) and test_checkpoint_async.py
+(on S3); a non-finite loss in test_fail_fast.py.
 
 Kept tiny (hrt_tiny_ocr, 64x64 crops, a handful of iterations): these tests check behaviour,
 not accuracy; `hrt-ray bench train` and the default run measure speed and learning.
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import CrashAt, NanLossAt
+from faults import CrashAt
 from stored_checkpoints import complete_states
 
 from hrt_ray.config import ExperimentConfig, load_config
@@ -134,35 +137,6 @@ def test_eval_cli_writes_tables_beside_the_checkpoint(trained, capsys: pytest.Ca
     assert len(err) == 1 and "missing.pt" in err[0] and "Traceback" not in err[0]
 
 
-def test_interrupted_run_resumes_at_the_same_iteration(
-    ray_session: None, data_dir: Path, s3_bucket: str, tmp_path: Path
-) -> None:
-    """Interrupt the whole run (a worker dies, no retries), then run it again: it continues."""
-    from hrt_ray.train.trainer import TrainError, fit
-
-    cfg = tiny_config(data_dir, f"{s3_bucket}/runs", "interrupted", "optim.max_iters=5")
-    with pytest.raises(TrainError, match="interrupted"):
-        fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
-    assert (tmp_path / "crashed").exists()
-    summary = fit(cfg)
-    # Checkpoints every iteration. Ray registers a checkpoint when its controller collects the
-    # round's reports from every worker (one queued report per worker, polled every 2 s, and a
-    # dead worker's pending report is lost), so the last one or two reported rounds before the
-    # crash at iteration 4 may not count: resuming from 1, 2 or 3 is right, from 0 is not.
-    assert summary.resumed_from in (1, 2, 3)
-    assert summary.iteration == 5
-    assert summary.checkpoint.startswith(f"{s3_bucket}/runs/interrupted/checkpoint_")
-    from hrt_ray import storage
-
-    final = torch.load(
-        __import__("io").BytesIO(storage.read_bytes(f"{summary.checkpoint}/{CHECKPOINT_FILE}")),
-        map_location="cpu",
-        weights_only=True,
-    )
-    assert final["iteration"] == 5 and final["scheduler"]["last_epoch"] == 5
-    assert storage.list_files(f"{s3_bucket}/runs/interrupted/tensorboard")
-
-
 def test_killed_worker_restarts_from_the_last_checkpoint(
     ray_session: None, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -173,23 +147,14 @@ def test_killed_worker_restarts_from_the_last_checkpoint(
     )
     summary = fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
     assert (tmp_path / "crashed").exists(), "the fault was injected"
-    assert summary.resumed_from in (1, 2, 3)  # see test_interrupted_run_resumes_at_the_same_iteration
+    # Checkpoints every iteration. Ray registers a checkpoint when its controller collects the
+    # round's reports from every worker (one queued report per worker, polled every 2 s, and a
+    # dead worker's pending report is lost), and the newest complete one on storage may still be
+    # uploading: resuming from 1, 2 or 3 is right, from 0 is not.
+    assert summary.resumed_from in (1, 2, 3)
     assert summary.iteration == 5
     states = checkpoints(Path(summary.run_dir))
     assert max(s["iteration"] for s in states) == 5
-
-
-def test_non_finite_loss_stops_without_a_broken_checkpoint(
-    ray_session: None, data_dir: Path, tmp_path: Path
-) -> None:
-    from hrt_ray.train.trainer import TrainError, fit
-
-    cfg = tiny_config(data_dir, str(tmp_path / "runs"), "nan", "eval.interval=100")
-    with pytest.raises(TrainError, match="non-finite loss"):
-        fit(cfg, callbacks=[NanLossAt(3)])
-    states = checkpoints(tmp_path / "runs" / "nan")
-    assert states and max(s["iteration"] for s in states) == 2
-    assert all(torch.isfinite(v).all() for s in states for v in s["model"].values() if v.is_floating_point())
 
 
 def test_unsatisfiable_request_fails_before_fit_with_the_numbers(
