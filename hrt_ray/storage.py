@@ -367,11 +367,22 @@ def exists(uri: str, endpoint: str | None = None, retry: RetryPolicy | None = No
         raise StorageError(f"{uri}: cannot check existence: {exc}") from exc
 
 
+def read_all(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """The whole file at ``path``, fetched as one request on object storage.
+
+    Through ``open_input_file`` (random access, the size known from the listing), never
+    ``open_input_stream``: pyarrow's S3 input *stream* fetches an object in 256 KiB ranged GETs,
+    a round trip each (300 for a 75 MB checkpoint: 18-20 s from a loopback S3 server, against
+    0.2 s as one GET). Callers catch ``OSError`` (``FileNotFoundError`` included) as for any read.
+    """
+    with filesystem.open_input_file(path) as f:
+        return f.read()
+
+
 def read_bytes(uri: str, endpoint: str | None = None, retry: RetryPolicy | None = None) -> bytes:
     loc = resolve(uri, endpoint, retry)
     try:
-        with loc.filesystem.open_input_stream(loc.path) as f:
-            return f.read()
+        return read_all(loc.filesystem, loc.path)
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: not found") from exc
     except OSError as exc:

@@ -32,6 +32,8 @@ class FaultProxy:
         self.refused = 0
         self.cut = 0
         self.forwarded = 0
+        #: HTTP GET requests passed upstream (request lines seen in the client-to-server bytes).
+        self.gets = 0
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     # ---- control -----------------------------------------------------------------------------
@@ -81,15 +83,22 @@ class FaultProxy:
             self.forwarded += 1
             with self._lock:
                 self._open.update((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, count_gets: bool = False) -> None:
+        # A request line may straddle two reads: keep the tail of the last one.
+        tail = b""
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if count_gets:
+                    seen = tail + data
+                    with self._lock:
+                        self.gets += seen.count(b"GET /")
+                    tail = data[-4:]
                 dst.sendall(data)
         except OSError:
             pass

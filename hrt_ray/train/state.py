@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from hrt_ray import storage
+
 CHECKPOINT_FILE = "checkpoint.pt"
 MANIFEST_FILE = "hrt-checkpoint.json"
 #: Ray names the checkpoint directories it persists ``checkpoint_<timestamp>``.
@@ -152,8 +154,7 @@ def complete_checkpoints(filesystem: Any, run_path: str) -> list[StoredCheckpoin
     for manifest_path in sorted(p for p in sizes if p.endswith("/" + MANIFEST_FILE)):
         directory = posixpath.dirname(manifest_path)
         try:
-            with filesystem.open_input_stream(manifest_path) as stream:
-                manifest = json.loads(stream.read())
+            manifest = json.loads(storage.read_all(filesystem, manifest_path))
         except FileNotFoundError:
             continue
         except ValueError:  # a half-written manifest (local copy interrupted)
@@ -168,8 +169,7 @@ def complete_checkpoints(filesystem: Any, run_path: str) -> list[StoredCheckpoin
 def read_stored_state(filesystem: Any, checkpoint: StoredCheckpoint) -> dict[str, Any]:
     """Load a stored checkpoint, checking its SHA-256 against the manifest (``weights_only``)."""
     path = f"{checkpoint.path}/{checkpoint.manifest.get('file', CHECKPOINT_FILE)}"
-    with filesystem.open_input_stream(path) as stream:
-        data = stream.read()
+    data = storage.read_all(filesystem, path)
     digest = hashlib.sha256(data).hexdigest()
     if digest != checkpoint.manifest.get("sha256"):
         raise OSError(f"{path}: SHA-256 {digest} differs from its manifest's: the file is damaged")
@@ -196,8 +196,7 @@ def load_reported_state(checkpoint: Any) -> dict[str, Any]:
     """
     path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
     try:
-        with checkpoint.filesystem.open_input_stream(path) as stream:
-            data = stream.read()
+        data = storage.read_all(checkpoint.filesystem, path)
     except OSError as exc:  # FileNotFoundError included
         raise FileNotFoundError(f"{path}: cannot read the checkpoint ({exc})") from exc
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
