@@ -18,7 +18,7 @@ from hrt_ray.cli import main
 from hrt_ray.data import DataError, SpecError, get_spec
 from hrt_ray.data.check import check
 from hrt_ray.data.codec import decode_image, decode_mask
-from hrt_ray.data.pipeline import _val_udf
+from hrt_ray.data.map_tasks import val_udf
 from hrt_ray.data.prepare import prepare
 from hrt_ray.data.shards import Record, iter_records, read_manifest, write_shards
 from hrt_ray.data.specs import synthetic_spec
@@ -332,14 +332,15 @@ def test_udfs_name_shard_and_key_for_each_bad_record_kind() -> None:
         kwargs = {"state": None, "lut": spec.lut(), "spec_info": {"num_classes": 3, "ignore_index": 255},
                   "channel_order": "RGB", "max_bad": 0}
         with pytest.raises(DataError, match=f"shard bkt/set/part-00004.parquet record '{key}': {message}"):
-            _val_udf(batch, **kwargs)
+            val_udf(batch, **kwargs)
 
 
 # ------------------------------------------------------------------------ epoch rule, val padding
 
 
 def test_epoch_seen_by_augmentation_is_the_slowest_splits_after_all_announced() -> None:
-    from hrt_ray.data.pipeline import PipelineState, record_seed
+    from hrt_ray.data.map_tasks import record_seed
+    from hrt_ray.data.pipeline_state import PipelineState
 
     state = PipelineState(seed=9, max_bad_records=2)
     assert state.current() == (9, 0)

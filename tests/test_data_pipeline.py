@@ -67,7 +67,26 @@ def _run_splits(datasets: dict, epochs: int, batch: int) -> dict:
         t.join(timeout=240)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "a split consumer hung"
+    _plan_holders_run_without_torch()
     return out
+
+
+def _plan_holders_run_without_torch() -> None:
+    """The split coordinators and the pipeline's state actor, alive now, never loaded torch.
+
+    They only hold the dataset's plan (or the epoch state); read from each live process's own
+    memory map, so whatever imported torch there (the plan's functions, their kwargs) shows."""
+    from ray.util.state import list_actors
+
+    actors = [
+        a
+        for name in ("SplitCoordinator", "PipelineState")
+        for a in list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")], detail=True)
+    ]
+    assert {a.class_name for a in actors} == {"SplitCoordinator", "PipelineState"}, actors
+    for actor in actors:
+        maps = Path(f"/proc/{actor.pid}/maps").read_text()
+        assert "libtorch" not in maps, f"{actor.class_name} (pid {actor.pid}) loaded torch"
 
 
 def test_s3_prepare_then_two_workers_get_disjoint_equal_batches_and_each_val_image_once(

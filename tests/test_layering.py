@@ -11,6 +11,8 @@ alike: a deferred import is still a dependency), and the graph must have
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,29 @@ def test_the_deferred_import_check_sees_function_imports(tmp_path: Path) -> None
         (14, "c", "# deferred: why"),
         (17, "d", ""),
     ]
+
+
+#: Heavy stacks that only the processes that compute need: training workers, map tasks.
+HEAVY = ("torch", "albumentations", "scipy")
+
+
+def test_what_a_dataset_plan_holds_loads_without_torch() -> None:
+    """Processes that only hold a dataset's plan (Ray Train's dataset manager, each split
+    coordinator) or the pipeline's state actor unpickle its functions by reference, i.e. import
+    their modules. Those must not pull in torch or albumentations (seconds of CPU per process and
+    run); neither may the training loop, which needs torch but not the augmentation stack."""
+    probe = (
+        "import sys, pickle, ray.cloudpickle as cp\n"
+        "from hrt_ray.data import map_tasks, pipeline_state\n"
+        "blobs = [cp.dumps(f) for f in (map_tasks.train_udf, map_tasks.val_udf, pipeline_state.PipelineState)]\n"
+        "for m in [m for m in sys.modules if m.startswith('hrt_ray')]: del sys.modules[m]\n"
+        "[pickle.loads(b) for b in blobs]\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+        "import hrt_ray.train.loop\n"
+        "print([m for m in ('albumentations', 'scipy') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan_holder, train_worker = out.stdout.strip().splitlines()
+    assert plan_holder == "[]", f"unpickling the plan's functions imported {plan_holder}"
+    assert train_worker == "[]", f"the training loop imported {train_worker}"

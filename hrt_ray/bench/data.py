@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from hrt_ray import storage
 from hrt_ray.config import load_config
-from hrt_ray.data.pipeline import _decode_pair, build_datasets, iter_batches, record_seed
+from hrt_ray.data.map_tasks import decode_pair, record_seed
+from hrt_ray.data.pipeline import build_datasets, iter_batches
 from hrt_ray.data.shards import read_manifest, shard_uris
 from hrt_ray.data.specs import get_spec, spec_from_dict
 from hrt_ray.data.transforms import AugmentParams, TrainAugment
@@ -71,7 +72,7 @@ class _ShardDataset:
         cols = self._row_group(uri, rg)
         key = cols["key"][row]
         info = {"num_classes": self.spec.num_classes, "ignore_index": self.spec.ignore_index}
-        image, mask = _decode_pair(cols["image"][row], cols["mask"][row], f"shard {uri} record {key!r}",
+        image, mask = decode_pair(cols["image"][row], cols["mask"][row], f"shard {uri} record {key!r}",
                                    self.spec.lut(), info, "RGB")
         img, msk = self._augment(image, mask, record_seed(0, 0, key))
         return torch.from_numpy(img), torch.from_numpy(msk.astype("int64"))

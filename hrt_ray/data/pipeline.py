@@ -36,14 +36,17 @@ prestarted idle workers on a 4-CPU node: 36 to 49 Python processes for a 4-itera
 against 15 with V1 (a 4-CPU local instance on the 2-core development box, 2026-12-02, under
 varying load; the README has the test-suite times). V1 reads the few footers once, when the
 dataset is built; the shard list comes from the manifest anyway.
+
+What the map tasks run lives in ``map_tasks.py`` and the state actor's class in
+``pipeline_state.py``: the processes that only hold the plan or the state (Ray Train's dataset
+manager, the split coordinators, the state actor) import those modules, and this one would
+bring torch and the augmentation stack with it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
@@ -56,220 +59,19 @@ import ray
 import torch
 from ray.data import DataContext, Dataset, FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig
-from hrt_ray.data.codec import DataError, check_sizes, decode_image, decode_mask, map_mask
+from hrt_ray.data.codec import DataError
+from hrt_ray.data.map_tasks import PAD_PREFIX, train_udf, val_udf
+from hrt_ray.data.pipeline_state import start_state_actor
 from hrt_ray.data.shards import read_manifest, shard_uris
 from hrt_ray.data.specs import DatasetSpec, get_spec, spec_from_dict
-from hrt_ray.data.transforms import AugmentParams, TrainAugment, normalize
-
-log = logging.getLogger(__name__)
 
 STATE_KEY = "hrt_ray.data.pipeline_state"
 BUFFER_KEY = "hrt_ray.data.shuffle_buffer"
-PAD_PREFIX = "__pad__/"
 #: Records decoded/augmented per map task call: small blocks keep memory bounded for big crops.
 UDF_BATCH = 4
-
-
-class PipelineState:
-    """Epoch announcements of the split consumers, the run seed, and the bad-record tally.
-
-    Runs as a zero-CPU Ray actor (:func:`_state_actor`); a plain class so its rules are testable.
-    """
-
-    def __init__(self, seed: int, max_bad_records: int):
-        self.seed = seed
-        self.max_bad = max_bad_records
-        self.world_size = 1
-        self.epochs: dict[int, int] = {}
-        self.bad: dict[str, str] = {}
-        #: Records skipped so far: one per bad record, a shard's manifest count per lost shard.
-        self.skipped = 0
-        #: Training shard path -> records its manifest lists; epoch -> shard path -> records read.
-        self.expected: dict[str, int] = {}
-        self.read: dict[int, dict[str, int]] = {}
-
-    def announce(self, split: int, world_size: int, epoch: int) -> None:
-        if world_size != self.world_size:  # a new worker group (elastic resize, restart)
-            self.world_size, self.epochs = world_size, {}
-        self.epochs[split] = epoch
-
-    def current(self) -> tuple[int, int]:
-        """(seed, epoch): the slowest split's epoch once all splits have announced."""
-        if not self.epochs:
-            return self.seed, 0
-        if len(self.epochs) < self.world_size:
-            return self.seed, max(self.epochs.values())
-        return self.seed, min(self.epochs.values())
-
-    def expect(self, records_per_shard: dict[str, int]) -> None:
-        """The training shards and their manifest counts, which every epoch must read in full."""
-        self.expected = dict(records_per_shard)
-
-    def begin(self, read: dict[str, int]) -> tuple[int, int]:
-        """A train map task starts: count the records it read per shard; return (seed, epoch)."""
-        seed, epoch = self.current()
-        counts = self.read.setdefault(epoch, {})
-        for path, n in read.items():
-            counts[path] = counts.get(path, 0) + int(n)
-        return seed, epoch
-
-    def shortfall(self, epoch: int) -> str:
-        """Why epoch ``epoch`` read fewer records than the manifest lists ('' if it did not).
-
-        Called once a consumer has drained its split, i.e. once the epoch's execution is done.
-        Shards already skipped under ``max_bad_records`` are not expected.
-        """
-        got = self.read.get(epoch, {})
-        short = {p: (got.get(p, 0), n) for p, n in self.expected.items() if got.get(p, 0) < n}
-        if not short:
-            return ""
-        missing = sum(n - g for g, n in short.values())
-        total = sum(self.expected.values())
-        listing = "; ".join(f"{p}: read {g} of {n}" for p, (g, n) in sorted(short.items()))
-        return (
-            f"data epoch {epoch} read {total - missing} of the {total} training records the manifest "
-            f"lists: {listing}. Ray Data skips files it cannot read as records (e.g. zero-size "
-            "files); re-write these shards"
-        )
-
-    def report_bad(self, where: str, reason: str, records: int = 1) -> int:
-        """Count ``records`` skipped at ``where`` (once per place); returns the running total."""
-        if where not in self.bad:
-            self.bad[where] = reason
-            self.skipped += records
-            log.warning(
-                "skipped %d bad record(s), %d/%d in all: %s", records, self.skipped, self.max_bad, reason
-            )
-        return self.skipped
-
-    def bad_records(self) -> dict[str, str]:
-        return dict(self.bad)
-
-    def skipped_records(self) -> int:
-        return self.skipped
-
-
-def _state_actor(seed: int, max_bad_records: int):
-    # On the driver's node (the head, on a cluster: it outlives worker nodes), and restarted
-    # elsewhere if that node goes anyway: a lost worker node must not take the epoch state with it,
-    # or every restarted worker group fails on its first batch. A restart keeps the seed; the
-    # epoch announcements come again from the new group.
-    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=node)
-    return actor(PipelineState).remote(seed, max_bad_records)
-
-
-def record_seed(seed: int, epoch: int, key: str) -> int:
-    """The augmentation seed of one record in one epoch (independent of batching and workers)."""
-    return int(np.random.SeedSequence([seed, epoch, zlib.crc32(key.encode())]).generate_state(1)[0])
-
-
-def _decode_pair(
-    row_image: bytes, row_mask: bytes, where: str, lut: np.ndarray, spec_info: dict, channel_order: str
-) -> tuple[np.ndarray, np.ndarray]:
-    image = decode_image(row_image, where, channel_order)
-    raw = decode_mask(row_mask, where)
-    check_sizes(image, raw, where)
-    mask = map_mask(raw, lut, spec_info["num_classes"], spec_info["ignore_index"], where)
-    return image, mask
-
-
-def _skip_or_raise(exc: DataError, where: str, state: Any, max_bad: int) -> None:
-    """Fail on a bad record, or count it against ``max_bad_records`` and log the skip."""
-    if max_bad <= 0 or state is None:
-        raise exc
-    count = ray.get(state.report_bad.remote(where, str(exc)))
-    if count > max_bad:
-        raise DataError(
-            f"{exc} (this makes {count} bad records, more than data.max_bad_records={max_bad})"
-        )
-    log.warning("skipping bad record %d/%d: %s", count, max_bad, exc)
-
-
-def _where(path: str, key: str) -> str:
-    return f"shard {path} record {str(key)!r}"
-
-
-def _train_udf(
-    batch: dict[str, np.ndarray],
-    *,
-    state: Any,
-    params: AugmentParams,
-    lut: np.ndarray,
-    spec_info: dict,
-    channel_order: str,
-    max_bad: int,
-) -> pa.Table:
-    read: dict[str, int] = {}
-    for path in batch["path"]:
-        read[str(path)] = read.get(str(path), 0) + 1
-    seed, epoch = ray.get(state.begin.remote(read))
-    augment = TrainAugment(params)
-    keys, images, masks = [], [], []
-    for key, img_bytes, mask_bytes, path in zip(
-        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
-    ):
-        where = _where(path, key)
-        try:
-            image, mask = _decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
-        except DataError as exc:
-            _skip_or_raise(exc, where, state, max_bad)
-            continue
-        img, msk = augment(image, mask, record_seed(seed, epoch, key))
-        keys.append(str(key))
-        images.append(img.tobytes())
-        masks.append(msk.tobytes())
-    h, w = params.crop_size
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "image": pa.array(images, pa.binary()),
-            "mask": pa.array(masks, pa.binary()),
-            "height": pa.array([h] * len(keys), pa.int32()),
-            "width": pa.array([w] * len(keys), pa.int32()),
-        }
-    )
-
-
-def _val_udf(
-    batch: dict[str, np.ndarray],
-    *,
-    state: Any,
-    lut: np.ndarray,
-    spec_info: dict,
-    channel_order: str,
-    max_bad: int,
-) -> pa.Table:
-    keys, images, masks, hs, ws = [], [], [], [], []
-    for key, img_bytes, mask_bytes, path in zip(
-        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
-    ):
-        where = _where(path, key)
-        try:
-            image, mask = _decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
-        except DataError as exc:
-            _skip_or_raise(exc, where, state, max_bad)
-            continue
-        if key.startswith(PAD_PREFIX):
-            mask = np.full_like(mask, spec_info["ignore_index"])
-        keys.append(str(key))
-        images.append(normalize(image).tobytes())
-        masks.append(np.ascontiguousarray(mask).tobytes())
-        hs.append(image.shape[0])
-        ws.append(image.shape[1])
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "image": pa.array(images, pa.binary()),
-            "mask": pa.array(masks, pa.binary()),
-            "height": pa.array(hs, pa.int32()),
-            "width": pa.array(ws, pa.int32()),
-        }
-    )
 
 
 def _filesystem(uri: str, endpoint: str | None):
@@ -445,7 +247,7 @@ def build_datasets(cfg) -> dict:
         if manifest["num_records"] < 1:
             raise DataError(f"{uri}: the shard set holds no records")
         check_spec_matches(spec, manifest, uri, d.dataset)
-    state = _state_actor(int(cfg.seed), int(d.max_bad_records))
+    state = start_state_actor(int(cfg.seed), int(d.max_bad_records))
     train_manifest = readable_manifest(d.train_uri, train_manifest, endpoint, state, int(d.max_bad_records))
     train_paths = _paths(d.train_uri, train_manifest, endpoint)
     ray.get(
@@ -458,15 +260,16 @@ def build_datasets(cfg) -> dict:
         if manifest["num_records"] < 1:
             raise DataError(f"{uri}: no readable records left after skipping the unreadable shards")
 
-    params = AugmentParams(
-        crop_size=(int(crop[0]), int(crop[1])),
-        scale_range=(float(d.scale_range[0]), float(d.scale_range[1])),
-        aspect_range=(float(d.aspect_range[0]), float(d.aspect_range[1])),
-        hflip=bool(d.hflip),
-        brightness_shift=float(d.brightness_shift),
-        base_short_side=spec.base_short_side,
-        ignore_index=spec.ignore_index,
-    )
+    # transforms.AugmentParams's fields: built into one in the map task (see map_tasks.py)
+    params = {
+        "crop_size": (int(crop[0]), int(crop[1])),
+        "scale_range": (float(d.scale_range[0]), float(d.scale_range[1])),
+        "aspect_range": (float(d.aspect_range[0]), float(d.aspect_range[1])),
+        "hflip": bool(d.hflip),
+        "brightness_shift": float(d.brightness_shift),
+        "base_short_side": spec.base_short_side,
+        "ignore_index": spec.ignore_index,
+    }
     with _parquet_reader():
         train_read = ray.data.read_parquet(
             train_paths,
@@ -480,7 +283,7 @@ def build_datasets(cfg) -> dict:
             include_paths=True,
         )
     train = train_read.repartition(target_num_rows_per_block=UDF_BATCH).map_batches(
-        _train_udf,
+        train_udf,
         fn_kwargs={
             "state": state,
             "params": params,
@@ -502,14 +305,14 @@ def build_datasets(cfg) -> dict:
         "max_bad": int(d.max_bad_records),
     }
     val = val_read.repartition(target_num_rows_per_block=UDF_BATCH).map_batches(
-        _val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
+        val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
     )
     multiple = val_pad_multiple(cfg)
     pad = -val_manifest["num_records"] % multiple
     if pad:
         rows = _pad_rows(d.val_uri, val_manifest, endpoint, pad)
         pad_ds = ray.data.from_items(rows).map_batches(
-            _val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
+            val_udf, fn_kwargs=val_kwargs, batch_size=UDF_BATCH, batch_format="numpy", num_cpus=cpus
         )
         val = val.union(pad_ds)
     for ds in (train, val):
