@@ -234,7 +234,8 @@ def test_what_a_dataset_plan_holds_loads_without_torch() -> None:
     probe = (
         "import sys, pickle, ray.cloudpickle as cp\n"
         "from hrt_ray.data import map_tasks, pipeline_state\n"
-        "blobs = [cp.dumps(f) for f in (map_tasks.train_udf, map_tasks.val_udf, pipeline_state.PipelineState)]\n"
+        "held = (map_tasks.train_udf, map_tasks.val_udf, pipeline_state.PipelineState)\n"
+        "blobs = [cp.dumps(f) for f in held]\n"
         "for m in [m for m in sys.modules if m.startswith('hrt_ray')]: del sys.modules[m]\n"
         "[pickle.loads(b) for b in blobs]\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
