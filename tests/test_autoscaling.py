@@ -346,15 +346,19 @@ class FakeAutoscalingCluster:
         return time.monotonic() - start
 
     def shutdown(self) -> None:
-        """Stop the head's process group, then whatever the provider started against its GCS."""
+        """Stop the head as a machine's shutdown does, then whatever the provider started.
+
+        SIGTERM goes to ``ray start --block`` alone: it drains its node through the GCS and then
+        stops its own processes (about 2 s). Sent to the whole group, the GCS dies with the
+        rest and the drain waits out its 30 s RPC timeout before the command exits.
+        """
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=45)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
         import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
 
         psutil = importlib.import_module("psutil")
