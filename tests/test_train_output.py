@@ -18,6 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from stored_checkpoints import complete_states
+
+from hrt_ray.models import build_model, load_checkpoint
+from hrt_ray.train.state import CHECKPOINT_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 ESCAPE = re.compile(r"\x1b\[|\r")
@@ -67,21 +72,30 @@ def tiny(tmp: Path, name: str) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def laptop_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One ``hrt-ray train`` as on a laptop: its own local Ray, training, then the evaluation of
+    the final checkpoint. The tests below read its console output, run directory and checkpoints."""
+    tmp = tmp_path_factory.mktemp("laptop")
+    args = ["train", *tiny(tmp, "out"), "eval.at_start=true", "target.miou_ss=50"]
+    proc = hrt_ray(args, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp, proc
+
+
 @pytest.mark.slow
-def test_train_output_is_one_clean_line_per_report(tmp_path: Path) -> None:
-    args = ["train", "--no-eval", *tiny(tmp_path, "out"), "eval.at_start=false", "target.miou_ss=50"]
-    proc = hrt_ray(args, cwd=tmp_path)
+def test_train_output_is_one_clean_line_per_report(laptop_run) -> None:
+    tmp_path, proc = laptop_run
     out, err = proc.stdout, proc.stderr
-    assert proc.returncode == 0, out + err
     assert not ESCAPE.search(out + err), "escape codes / carriage returns in non-TTY output"
     assert "TrainingReport" not in out + err and "1e+30" not in out + err and "1e30" not in out + err
     assert "raylet" not in out + err and "Execution plan" not in out + err
     lines = [line for line in out.splitlines() if line.startswith("iter ")]
-    # Reports: a checkpoint at 2, validation + checkpoint at 4.
-    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], out
-    assert re.search(r"loss \d+\.\d{4}  lr \S+  \d+\.\d img/s  data-wait \d+%", lines[0]), lines[0]
-    assert "val mIoU" not in lines[0], "no validation at iteration 2: no mIoU shown"
-    assert re.search(r"val mIoU \d+\.\d\d \(best \d+\.\d\d\)  elapsed \d:\d\d:\d\d  ETA 0:00:00", lines[1])
+    # Reports: the untrained model's validation at 0, a checkpoint at 2, validation + checkpoint at 4.
+    assert [line.split()[1] for line in lines] == ["0/4", "2/4", "4/4"], out
+    assert re.search(r"loss \d+\.\d{4}  lr \S+  \d+\.\d img/s  data-wait \d+%", lines[1]), lines[1]
+    assert "val mIoU" not in lines[1], "no validation at iteration 2: no mIoU shown"
+    assert re.search(r"val mIoU \d+\.\d\d \(best \d+\.\d\d\)  elapsed \d:\d\d:\d\d  ETA 0:00:00", lines[2])
     assert "run directory" in out and "driver log" in out and "worker logs" in out
     run_dir = tmp_path / "runs" / "out"
     assert (run_dir / "logs" / "driver.log").is_file()
@@ -90,13 +104,75 @@ def test_train_output_is_one_clean_line_per_report(tmp_path: Path) -> None:
     text = snapshot.read_text()
     assert "1e+30" not in text and "1e30" not in text and "Infinity" not in text
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iteration"] == 4 and [h[0] for h in summary["history"]] == [4.0]
-    # The config's published figure beside the final (single-scale) validation mIoU.
+    assert summary["iteration"] == 4 and [h[0] for h in summary["history"]] == [0.0, 4.0]
+    # The config's published figure beside the (single-scale) evaluation of the final checkpoint.
+    assert summary["eval"]["setting"] == "whole-ss1" and summary["eval"]["scales"] == "ss"
     (compared,) = summary["target"]["compared"]
     assert compared["scales"] == "ss" and compared["published_miou"] == 50.0
-    assert compared["achieved_miou"] == pytest.approx(100 * summary["final_miou"])
-    achieved = f"{100 * summary['final_miou']:.2f}"
+    assert compared["achieved_miou"] == pytest.approx(100 * summary["eval"]["mIoU"])
+    achieved = f"{100 * summary['eval']['mIoU']:.2f}"
+    assert f"eval mIoU      {achieved} (whole-ss1)" in out
     assert f"target mIoU   50.00 ss -> achieved {achieved} ({float(achieved) - 50:+.2f})" in out
+
+
+@pytest.mark.slow
+def test_short_run_reports_checkpoints_and_validates(laptop_run) -> None:
+    tmp_path, _ = laptop_run
+    summary = json.loads((tmp_path / "runs" / "out" / "summary.json").read_text())
+    run_dir = Path(summary["run_dir"])
+    assert summary["iteration"] == 4 and summary["resumed_from"] is None
+    assert all(0.0 <= h[1] <= 1.0 for h in summary["history"])
+    assert summary["start_miou"] == summary["history"][0][1]
+    assert summary["final_miou"] == summary["history"][-1][1]
+    # Best-by-mIoU plus latest are kept (keep=2; the reports at 2 and 4 carried a checkpoint).
+    states = complete_states(run_dir)
+    assert {s["iteration"] for s in states} == {2, 4}
+    final = max(states, key=lambda s: s["iteration"])
+    assert final["scheduler"]["last_epoch"] == 4
+    assert final["optimizer"]["state"], "optimizer moments are saved"
+    assert len(final["rng"]) == 2 and torch.is_tensor(final["rng"][1]["torch"])
+    assert final["arch"] == "hrt_tiny_ocr" and set(final["model"]) and final["best"] == summary["best_miou"]
+    assert Path(summary["checkpoint"], CHECKPOINT_FILE).exists()
+    assert not list(run_dir.rglob(".checkpoint.pt.tmp-*"))
+    # The checkpoint loads into a fresh model through the model package (weights_only).
+    load_checkpoint(build_model("hrt_tiny_ocr", 5), f"{summary['checkpoint']}/{CHECKPOINT_FILE}")
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_eval_cli_writes_tables_beside_the_checkpoint(
+    laptop_run, ray_session: None, capsys: pytest.CaptureFixture
+) -> None:
+    from hrt_ray.cli import main
+
+    tmp_path, _ = laptop_run
+    summary = json.loads((tmp_path / "runs" / "out" / "summary.json").read_text())
+    checkpoint = summary["checkpoint"]
+    # The train command's own evaluation (whole image, single scale) of the final checkpoint is
+    # the final in-loop validation.
+    single = json.loads(Path(checkpoint, "eval-whole-ss1.json").read_text())
+    assert single["mIoU"] == pytest.approx(summary["final_miou"], abs=1e-9)
+    assert len(single["per_class"]) == 5 and "confusion" in single
+    common = [
+        f"data.train_uri={tmp_path}/data/train",
+        f"data.val_uri={tmp_path}/data/val",
+        "data.synth.size=[64,64]",
+        f"storage.path={tmp_path}/runs",
+    ]
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", checkpoint, *common, "eval.mode=slide", "eval.crop_size=[48,48]",
+            "eval.stride=[32,32]", "eval.scales=[0.75,1.0]", "eval.flip=true"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "written" in out
+    ms = json.loads(Path(checkpoint, "eval-slide-ms0.75_1-flip.json").read_text())
+    assert 0.0 <= ms["mIoU"] <= 1.0
+    rows = Path(checkpoint, "eval-slide-ms0.75_1-flip.csv").read_text().splitlines()
+    assert rows[0] == "class,iou,pixels" and rows[-1].startswith("mIoU,") and len(rows) == 7
+    # A missing checkpoint is the user's to fix: one line naming it, exit code 2.
+    assert main(["eval", "--checkpoint", str(Path(checkpoint) / "missing.pt"), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pt" in err[0] and "Traceback" not in err[0]
 
 
 @pytest.mark.parametrize(
