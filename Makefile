@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pytest processes for the unit tier (TEST_FAST_WORKERS=1: one, e.g. to debug with pdb).
 TEST_FAST_WORKERS ?= 2
 
-.PHONY: train test test-fast lint bench gpu-check clean-venv system-tools
+.PHONY: train test test-fast lint bench gpu-check clean-venv system-tools bytecode
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-train: $(STAMP)
+# The editable install leaves hrt_ray as source. Where PYTHONDONTWRITEBYTECODE is set (this
+# box, CI), every process that imports it (each Ray worker and actor of every run) would compile
+# it again; compileall writes the bytecode once and rewrites only what changed (0.05 s then).
+bytecode: $(STAMP)
+	$(VENV)/bin/python -m compileall -q hrt_ray tests
+
+train: $(STAMP) bytecode
 	$(VENV)/bin/hrt-ray train
 
 lint: $(STAMP)
@@ -32,14 +38,14 @@ system-tools:
 
 # Everything (what CI runs): the unit tier as test-fast runs it, then the slow tier (real Ray
 # clusters and an S3-compatible server on loopback) in one process, its 15 slowest tests printed.
-test: lint system-tools
+test: lint system-tools bytecode
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) -q
 	$(VENV)/bin/python -m pytest tests -m slow --durations=15
 
 # The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).
 # Two pytest processes, one torch thread each: these tests run many tiny ops, where a second
 # thread per op buys nothing and two processes halve the wall time on a 2-core box.
-test-fast: lint
+test-fast: lint bytecode
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) --durations=10
 
 bench: $(STAMP)
