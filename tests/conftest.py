@@ -50,7 +50,6 @@ LONGEST_FIRST = (
     "test_autoscaling.py",  # 160
     "test_train_output.py",  # 157
     "test_train_ray.py",  # 146
-    "test_resume_safety.py",  # 115
     "test_data_integrity.py",  # 100
     "test_storage_outage.py",  # 95: a 25 s outage
     "test_checkpoint_async.py",  # 90

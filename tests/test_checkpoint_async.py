@@ -1,6 +1,6 @@
 """Checkpoints on a real local Ray: sync then async upload to the loopback S3 server, and the
 run resumed from S3 only with a config it agrees to. (No checkpoint of a non-finite state:
-test_fail_fast.py; resuming past an incomplete checkpoint: test_resume_safety.py.)
+test_fail_fast.py; a restart from the newest complete checkpoint: test_train_ray.py.)
 """
 
 from __future__ import annotations

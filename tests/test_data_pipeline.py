@@ -76,12 +76,17 @@ def _plan_holders_run_without_torch() -> None:
 
     They only hold the dataset's plan (or the epoch state); read from each live process's own
     memory map, so whatever imported torch there (the plan's functions, their kwargs) shows."""
+    import ray
     from ray.util.state import list_actors
 
+    # This session's own instance: other pytest processes may run Ray instances beside it.
+    address = ray.get_runtime_context().gcs_address
     actors = [
         a
         for name in ("SplitCoordinator", "PipelineState")
-        for a in list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")], detail=True)
+        for a in list_actors(
+            address=address, filters=[("class_name", "=", name), ("state", "=", "ALIVE")], detail=True
+        )
     ]
     assert {a.class_name for a in actors} == {"SplitCoordinator", "PipelineState"}, actors
     for actor in actors:

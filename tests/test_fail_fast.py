@@ -20,6 +20,7 @@ import torch
 from stored_checkpoints import complete_states
 
 from hrt_ray.config import ExperimentConfig, load_config
+from hrt_ray.train.runlock import LOCK_FILE
 
 
 def tiny(tmp: Path, name: str, *overrides: str) -> ExperimentConfig:
@@ -107,6 +108,7 @@ def test_a_blown_up_run_stops_at_once_without_a_non_finite_checkpoint(
         r"the last checkpoint \(reported; the run resumes from it\) is at iteration (\d+)", message
     )
     assert match, message
+    assert not (tmp_path / "runs" / "blowup" / LOCK_FILE).exists(), "a failed run releases its lock"
     states = complete_states(tmp_path / "runs" / "blowup")
     assert states, "the iterations before the blow-up were checkpointed"
     assert max(s["iteration"] for s in states) <= int(match.group(1))

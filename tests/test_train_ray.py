@@ -2,9 +2,9 @@
 impossible requests.
 
 A short run's reports, checkpoints, validation and evaluation are checked on the one run of
-test_train_output.py (the command as a laptop runs it). A run interrupted and run again is in
-test_resume_safety.py (locally) and test_checkpoint_async.py (on S3); a non-finite loss in
-test_fail_fast.py.
+test_train_output.py (the command as a laptop runs it); a run resumed with another config in
+test_checkpoint_async.py (on S3), one interrupted in test_train_output.py; a non-finite loss and
+a failed run's lock in test_fail_fast.py.
 
 Kept tiny (hrt_tiny_ocr, 64x64 crops, a handful of iterations): these tests check behaviour,
 not accuracy; `hrt-ray bench train` and the default run measure speed and learning.
@@ -12,6 +12,7 @@ not accuracy; `hrt-ray bench train` and the default run measure speed and learni
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from faults import CrashAt
 from stored_checkpoints import complete_states
 
 from hrt_ray.config import ExperimentConfig, load_config
+from hrt_ray.train.runlock import LOCK_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -59,24 +61,35 @@ def checkpoints(run_dir: Path) -> list[dict]:
     return complete_states(run_dir)
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(
+def test_killed_worker_restarts_from_the_newest_complete_checkpoint(
     ray_session: None, data_dir: Path, tmp_path: Path
 ) -> None:
+    """A worker dies as soon as checkpoint 3 is complete on storage; Ray restarts the group
+    (``failure.max_failures=1``) and it continues from 3.
+
+    Ray registers a round only once its background upload has ended and the controller has
+    collected every worker's report (polled every 2 s; a dead worker's pending report is lost),
+    so the checkpoint Ray hands the new group usually stops at 1 or 2. Rank 0 then takes the
+    newer complete one on storage. (The crash waits for the upload: unwaited, a loaded box
+    crashes mid-upload and 2 is rightly the newest complete checkpoint.)
+    """
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
     from hrt_ray.train.trainer import fit
 
+    runs = tmp_path / "runs"
     cfg = tiny_config(
-        data_dir, str(tmp_path / "runs"), "killed", "failure.max_failures=1", "optim.max_iters=5"
+        data_dir, str(runs), "killed", "failure.max_failures=1", "optim.max_iters=5", "checkpoint.keep=5"
     )
-    summary = fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed")])
+    summary = fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed", once_stored=(runs / "killed", 3))])
     assert (tmp_path / "crashed").exists(), "the fault was injected"
-    # Checkpoints every iteration. Ray registers a checkpoint when its controller collects the
-    # round's reports from every worker (one queued report per worker, polled every 2 s, and a
-    # dead worker's pending report is lost), and the newest complete one on storage may still be
-    # uploading: resuming from 1, 2 or 3 is right, from 0 is not.
-    assert summary.resumed_from in (1, 2, 3)
-    assert summary.iteration == 5
+    assert summary.resumed_from == 3 and summary.iteration == 5
     states = checkpoints(Path(summary.run_dir))
     assert max(s["iteration"] for s in states) == 5
+    assert not (runs / "killed" / LOCK_FILE).exists(), "the run released its lock"
+    snapshot = json.loads((runs / "killed" / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
+    registered = sorted(int(r["metrics"]["iteration"]) for r in snapshot["checkpoint_results"])
+    print(f"Ray registered checkpoints {registered}; the restarted group resumed from {summary.resumed_from}")
 
 
 def test_unsatisfiable_request_fails_before_fit_with_the_numbers(
