@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,27 @@ def _where(path: str, key: str) -> str:
     return f"shard {path} record {str(key)!r}"
 
 
+def _decoded_records(
+    batch: dict[str, np.ndarray],
+    lut: np.ndarray,
+    spec_info: dict,
+    channel_order: str,
+    state: Any,
+    max_bad: int,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(key, image, mask)`` of each record of ``batch`` that decodes; a bad one fails or is skipped."""
+    for key, img_bytes, mask_bytes, path in zip(
+        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
+    ):
+        where = _where(path, key)
+        try:
+            image, mask = decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
+        except DataError as exc:
+            _skip_or_raise(exc, where, state, max_bad)
+            continue
+        yield str(key), image, mask
+
+
 def train_udf(
     batch: dict[str, np.ndarray],
     *,
@@ -77,17 +99,9 @@ def train_udf(
 
     augment = TrainAugment(AugmentParams(**params))
     keys, images, masks = [], [], []
-    for key, img_bytes, mask_bytes, path in zip(
-        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
-    ):
-        where = _where(path, key)
-        try:
-            image, mask = decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
-        except DataError as exc:
-            _skip_or_raise(exc, where, state, max_bad)
-            continue
+    for key, image, mask in _decoded_records(batch, lut, spec_info, channel_order, state, max_bad):
         img, msk = augment(image, mask, record_seed(seed, epoch, key))
-        keys.append(str(key))
+        keys.append(key)
         images.append(img.tobytes())
         masks.append(msk.tobytes())
     h, w = augment.params.crop_size
@@ -115,18 +129,10 @@ def val_udf(
     from hrt_ray.data.transforms import normalize
 
     keys, images, masks, hs, ws = [], [], [], [], []
-    for key, img_bytes, mask_bytes, path in zip(
-        batch["key"], batch["image"], batch["mask"], batch["path"], strict=True
-    ):
-        where = _where(path, key)
-        try:
-            image, mask = decode_pair(img_bytes, mask_bytes, where, lut, spec_info, channel_order)
-        except DataError as exc:
-            _skip_or_raise(exc, where, state, max_bad)
-            continue
+    for key, image, mask in _decoded_records(batch, lut, spec_info, channel_order, state, max_bad):
         if key.startswith(PAD_PREFIX):
             mask = np.full_like(mask, spec_info["ignore_index"])
-        keys.append(str(key))
+        keys.append(key)
         images.append(normalize(image).tobytes())
         masks.append(np.ascontiguousarray(mask).tobytes())
         hs.append(image.shape[0])
