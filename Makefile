@@ -7,6 +7,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 # pytest processes for the unit tier (TEST_FAST_WORKERS=1: one, e.g. to debug with pdb).
 TEST_FAST_WORKERS ?= 2
+# pytest processes for the slow tier, one test module at a time each (TEST_SLOW_WORKERS=1: the
+# modules one after another). Three on a 2-core box: the cluster rehearsals wait a lot (drain
+# deadlines, autoscaler launches, a storage outage) and the others fill that time.
+TEST_SLOW_WORKERS ?= 3
 
 .PHONY: train test test-fast lint bench gpu-check clean-venv system-tools bytecode
 
@@ -37,10 +41,12 @@ system-tools:
 	  || { echo "make test needs rsync (e.g. apt-get install rsync)" >&2; exit 1; }
 
 # Everything (what CI runs): the unit tier as test-fast runs it, then the slow tier (real Ray
-# clusters and an S3-compatible server on loopback) in one process, its 15 slowest tests printed.
+# clusters and an S3-compatible server on loopback), whole modules per process, the longest
+# first (tests/conftest.py), its 15 slowest tests printed.
 test: lint system-tools bytecode
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) -q
-	$(VENV)/bin/python -m pytest tests -m slow --durations=15
+	$(VENV)/bin/python -m pytest tests -m slow -n $(TEST_SLOW_WORKERS) --dist loadfile \
+	  --no-loadscope-reorder --durations=15
 
 # The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).
 # Two pytest processes, one torch thread each: these tests run many tiny ops, where a second
