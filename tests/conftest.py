@@ -77,21 +77,29 @@ def _ray_running() -> bool:
     return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
 
+#: Whether this process started the loopback S3 server (set by ``s3_server``).
+_S3_STARTED: list[bool] = []
+
+
 @pytest.fixture(autouse=True)
-def _unit_tests_start_no_ray(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A unit-tier test must not start Ray: it would belong in the slow tier.
+def _unit_tests_start_no_servers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A unit-tier test must not start Ray or the S3 server: it would belong in the slow tier.
 
     Compared before and after the test, because in the full suite the session's Ray instance
-    (``ray_session``) is up once any slow test has run.
+    (``ray_session``) and S3 server are up once any slow test has run; this also catches a
+    fixture asked for inside a test (``request.getfixturevalue``), which marking by fixture
+    names cannot see.
     """
     if request.node.get_closest_marker("slow") is not None:
         yield
         return
-    before = _ray_running()
+    ray_before, s3_before = _ray_running(), bool(_S3_STARTED)
     yield
-    if not before and _ray_running():
+    if not ray_before and _ray_running():
         sys.modules["ray"].shutdown()
         pytest.fail(f"{request.node.nodeid} started Ray but is not marked slow", pytrace=False)
+    if not s3_before and _S3_STARTED:
+        pytest.fail(f"{request.node.nodeid} started the S3 server but is not marked slow", pytrace=False)
 
 
 def free_port() -> int:
@@ -125,6 +133,7 @@ def s3_server() -> Iterator[str]:
     )
     try:
         _wait_for_port(port, proc)
+        _S3_STARTED.append(True)
         endpoint = f"http://127.0.0.1:{port}"
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         yield endpoint

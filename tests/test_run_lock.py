@@ -56,7 +56,9 @@ def lock_bytes(run_uri: str) -> bytes:
     return storage.read_bytes(f"{run_uri}/{LOCK_FILE}")
 
 
-@pytest.fixture(params=["local", "s3"])
+# The S3 case starts the loopback S3 server: slow tier (the marker goes on the parameter, since
+# the fixture is only asked for inside).
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def run_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "runs")
