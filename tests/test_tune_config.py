@@ -401,6 +401,43 @@ def test_reports_without_a_fresh_metric_never_reach_tune():
     assert not any(fresh(v) for v in (float("-inf"), float("nan"), None, True))
 
 
+def test_a_resumed_trial_hands_asha_the_rung_its_checkpoint_reached(tmp_path: Path):
+    """Interrupted between its iteration-2 checkpoint and Tune's receipt of that report, a trial
+    resumes past the rung; the report in the checkpoint's manifest is what ASHA decides on."""
+    import torch
+
+    from hrt_ray.train.paths import run_uri
+    from hrt_ray.train.state import save_state
+    from hrt_ray.tune.trial import checkpointed_report
+
+    sweep = load_sweep(TINY, [f"storage={tmp_path}/sweeps"])
+    cfg = sweep.trial_config({"window_size": 7, "lr": 1e-6}, "t_00001-w7-lr1.0e-06")
+    assert checkpointed_report(cfg, "val/mIoU") is None  # a first start: nothing to hand over
+    run = Path(run_uri(cfg))
+    state = {"model": {"w": torch.zeros(2)}, "iteration": 2, "config": {}}
+    report = {"iteration": 2, "val/mIoU": 0.01, "val/IoU/3": float("nan"), "train/loss": 1.5}
+    save_state(run / "checkpoint_2026-12-07_10-00-00.000000", state, report)
+    # A newer checkpoint without validation (e.g. a preemption's): Tune never gets those.
+    save_state(run / "checkpoint_2026-12-07_10-00-05.000000", {**state, "iteration": 3}, {"iteration": 3})
+    missed = checkpointed_report(cfg, "val/mIoU")
+    assert missed == {
+        "iteration": 2,
+        "val/mIoU": 0.01,
+        "train/loss": 1.5,
+        "checkpoint_path": str(run / "checkpoint_2026-12-07_10-00-00.000000"),
+    }
+    asha, leader, resumed = _asha(str(tmp_path / "asha.json"), max_t=4), _Trial("a"), _Trial("b")
+    asha.on_trial_add(None, leader)
+    asha.on_trial_add(None, resumed)
+    asha.on_trial_result(None, leader, {"iteration": 2, "val/mIoU": 0.12})
+    assert asha.on_trial_result(None, resumed, missed) == "STOP"
+    # Had Tune seen the report before the interruption, handing it over again changes nothing.
+    again = _Trial("c")
+    asha.on_trial_add(None, again)
+    assert asha.on_trial_result(None, again, {"iteration": 2, "val/mIoU": 0.5}) == "CONTINUE"
+    assert asha.on_trial_result(None, again, {"iteration": 2, "val/mIoU": 0.5}) == "CONTINUE"
+
+
 def test_every_search_key_maps_to_a_config_key_of_its_type():
     """One table maps search keys to experiment keys; a renamed config key breaks it here."""
     import dataclasses

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import random
@@ -84,9 +85,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+def save_state(
+    directory: str | Path, state: dict[str, Any], metrics: dict[str, Any] | None = None
+) -> Path:
     """Write ``state`` as ``directory/checkpoint.pt`` atomically (temp file, fsync, rename), then
-    its manifest (size, SHA-256, iteration, model, config), also atomically."""
+    its manifest (size, SHA-256, iteration, model, config and the finite numbers of the report
+    ``metrics`` it was checkpointed with), also atomically.
+
+    The metrics are in the manifest so that whoever resumes the run can see what that report
+    said without loading the weights: a resumed sweep trial hands them to Tune again when the
+    interruption fell between the checkpoint and Tune's receipt of the report.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
@@ -103,9 +112,19 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
         "arch": state.get("arch"),
         "num_classes": state.get("num_classes"),
         "config": state.get("config"),
+        "metrics": finite_numbers(metrics or {}),
     }
     _write_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     return target
+
+
+def finite_numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are finite numbers (what JSON holds; NaN/inf dropped)."""
+    return {
+        k: v if isinstance(v, int) else float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _write_atomic(target: Path, data: Any) -> None:

@@ -53,7 +53,7 @@ def report_checkpoint(
         _wait_for_upload(previous_dir, timeout_s)
     tmp = tempfile.mkdtemp(prefix=f"hrt-ckpt-{os.getpid()}-")
     try:
-        save_state(tmp, state)
+        save_state(tmp, state, metrics)
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(tmp),

@@ -77,7 +77,8 @@ def collect(sweep: Sweep) -> list[TrialRow]:
     for trial in analysis.trials:
         params = {k: trial.config[k] for k in sweep.config.search.dimensions() if k in trial.config}
         df = analysis.trial_dataframes.get(trial.trial_id)
-        curve: list[tuple[int, float]] = []
+        # By iteration: a resumed trial hands Tune its checkpoint's report again (tune/trial.py).
+        curve: dict[int, float] = {}
         best, best_iter, best_ckpt = None, None, None
         if df is not None and not df.empty and metric in df.columns and "iteration" in df.columns:
             has_ckpt = "checkpoint_path" in df.columns
@@ -85,12 +86,12 @@ def collect(sweep: Sweep) -> list[TrialRow]:
                 value, it = rec[metric], rec["iteration"]
                 if not (fresh(value) and finite(it)):
                     continue
-                curve.append((int(it), float(value)))
+                curve[int(it)] = float(value)
                 if best is None or sign * value > sign * best:
                     best, best_iter = float(value), int(it)
                     ckpt = rec["checkpoint_path"] if has_ckpt else None
                     best_ckpt = _checkpoint_uri(sweep, ckpt) if isinstance(ckpt, str) and ckpt else None
-        iterations = max((it for it, _ in curve), default=0)
+        iterations = max(curve, default=0)
         if trial.status == Trial.ERROR:
             status = ERROR
         elif trial.status == Trial.TERMINATED:
@@ -111,7 +112,7 @@ def collect(sweep: Sweep) -> list[TrialRow]:
                 best=best,
                 best_iteration=best_iter,
                 checkpoint=best_ckpt,
-                curve=sorted(curve),
+                curve=sorted(curve.items()),
                 error=error,
             )
         )

@@ -7,7 +7,11 @@ function itself only holds a fraction of a CPU on one node.
 
 Resuming: a trial's Train run is named after the Tune trial id and lives under the sweep
 directory, so a trial restarted by ``Tuner.restore`` calls ``fit()`` again with the same
-``RunConfig(name, storage_path)`` and Ray Train resumes it from its latest checkpoint.
+``RunConfig(name, storage_path)`` and Ray Train resumes it from its latest checkpoint. An
+interruption can fall between that checkpoint and Tune's receipt of its report: the resumed
+run would then continue past a rung ASHA never saw it at. So a resumed trial first hands Tune
+the report its newest checkpoint was saved with (:func:`checkpointed_report`); a report Tune
+already has changes nothing (ASHA decides once per trial and rung).
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import math
 from typing import Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
+from hrt_ray import storage
+from hrt_ray.config import ExperimentConfig
 from hrt_ray.data import build_datasets
 from hrt_ray.infer.visualize import add_tensorboard_panel
+from hrt_ray.train.paths import run_uri
+from hrt_ray.train.state import complete_checkpoints
 from hrt_ray.train.trainer import TrainError, build_trainer
 from hrt_ray.tune.config import sweep_from_saved, trial_run_name
 
@@ -51,11 +59,29 @@ def fresh(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def checkpointed_report(cfg: ExperimentConfig, metric: str) -> dict[str, Any] | None:
+    """The report (with its checkpoint's path) of the run's newest complete checkpoint that
+    carries a fresh value of ``metric``; ``None`` when the run has none (a trial's first start).
+
+    Read from the checkpoints' manifests (hrt_ray.train.state), never the weights.
+    """
+    loc = storage.resolve(run_uri(cfg), cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
+    for ckpt in reversed(complete_checkpoints(loc.filesystem, loc.path)):
+        metrics = ckpt.manifest.get("metrics") or {}
+        if fresh(metrics.get(metric)) and fresh(metrics.get("iteration")):
+            return {**metrics, CHECKPOINT_PATH_KEY: ckpt.path}
+    return None
+
+
 def run_trial(params: dict[str, Any], *, sweep_data: dict[str, Any]) -> None:
     """Tune's trainable: build this trial's experiment from the sweep and fit its ``TorchTrainer``."""
     sweep = sweep_from_saved(sweep_data)
     trial_id = tune.get_context().get_trial_id()
     cfg = sweep.trial_config(params, trial_run_name(trial_id, params))
+    # A resumed trial: Tune may have missed its newest checkpoint's report (module docstring).
+    missed = checkpointed_report(cfg, sweep.config.metric)
+    if missed is not None:
+        tune.report(missed)
     # The driver generated the synthetic data (if any) and checked resources before any trial.
     trainer = build_trainer(
         cfg,
