@@ -40,21 +40,24 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-#: Slow-tier modules from the longest to the shortest (seconds alone on the 2-core development
-#: box, 2026-12-07). ``make test`` runs the slow tier on several pytest processes, one module at a
-#: time each (``--dist loadfile``) in collection order; starting the longest first keeps one
-#: long module from running alone at the end. Modules not listed follow, in file order.
+#: Slow-tier modules from the longest to the shortest (seconds on one pytest process on the
+#: 2-core development box, 2026-12-07 13:50 UTC, nothing else running). ``make test`` runs the
+#: slow tier on several pytest processes, one module at a time each (``--dist loadfile``) in
+#: collection order; starting the longest first keeps one long module from running alone at
+#: the end. Modules not listed follow, in file order.
 LONGEST_FIRST = (
-    "test_multinode.py",  # 325: a 60 s drain deadline; the cluster idles through much of it
-    "test_tune_sweep.py",  # 172
-    "test_autoscaling.py",  # 160
-    "test_train_output.py",  # 157
-    "test_train_ray.py",  # 146
-    "test_data_integrity.py",  # 100
-    "test_storage_outage.py",  # 95: a 25 s outage
-    "test_checkpoint_async.py",  # 90
-    "test_jobs_submit.py",  # 75
-    "test_fail_fast.py",  # 51
+    "test_multinode.py",  # 265: a 60 s drain deadline; the cluster idles through much of it
+    "test_train_output.py",  # 143
+    "test_tune_sweep.py",  # 134
+    "test_autoscaling.py",  # 125
+    "test_storage_outage.py",  # 96: a 25 s outage
+    "test_jobs_submit.py",  # 67
+    "test_data_integrity.py",  # 55
+    "test_checkpoint_async.py",  # 51
+    "test_train_ray.py",  # 44
+    "test_fail_fast.py",  # 36
+    "test_export.py",  # 28
+    "test_launcher_sync.py",  # 23
 )
 
 
