@@ -144,6 +144,7 @@ def test_eval_cli_writes_tables_beside_the_checkpoint(
     laptop_run, ray_session: None, capsys: pytest.CaptureFixture
 ) -> None:
     from hrt_ray.cli import main
+    from hrt_ray.config import ConfigError, load_config
 
     tmp_path, _ = laptop_run
     summary = json.loads((tmp_path / "runs" / "out" / "summary.json").read_text())
@@ -160,13 +161,19 @@ def test_eval_cli_writes_tables_beside_the_checkpoint(
         f"storage.path={tmp_path}/runs",
     ]
     capsys.readouterr()
-    argv = ["eval", "--checkpoint", checkpoint, *common, "eval.mode=slide", "eval.crop_size=[48,48]",
-            "eval.stride=[32,32]", "eval.scales=[0.75,1.0]", "eval.flip=true"]  # fmt: skip
-    assert main(argv) == 0
+    # On three workers, which training refuses (batch 4 does not split in three): evaluation
+    # splits only the validation images (two here, so one worker holds nothing but padding).
+    with pytest.raises(ConfigError, match="does not split evenly"):
+        load_config(None, [*common, "data.batch_size=4", "scaling.num_workers=3"])
+    argv = ["eval", "--checkpoint", checkpoint, *common, "data.batch_size=4", "scaling.num_workers=3",
+            "eval.mode=slide", "eval.crop_size=[48,48]", "eval.stride=[32,32]", "eval.scales=[0.75,1.0]",
+            "eval.flip=true"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "mIoU" in out and "written" in out
     ms = json.loads(Path(checkpoint, "eval-slide-ms0.75_1-flip.json").read_text())
     assert 0.0 <= ms["mIoU"] <= 1.0
+    assert sum(c["pixels"] for c in ms["per_class"]) == 2 * 64 * 64  # every val pixel, once
     rows = Path(checkpoint, "eval-slide-ms0.75_1-flip.csv").read_text().splitlines()
     assert rows[0] == "class,iou,pixels" and rows[-1].startswith("mIoU,") and len(rows) == 7
     # A missing checkpoint is the user's to fix: one line naming it, exit code 2.
