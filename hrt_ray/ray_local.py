@@ -45,8 +45,15 @@ def ensure_ray(num_cpus: int | None = None, *, verbose: bool = True) -> None:
         ) from exc
 
 
+#: Ray's notice, on every start of a local instance, that token authentication is on (Ray
+#: 2.60's default): right for a local instance, and no warning to show on a quiet console.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def _init(ray, num_cpus: int | None, verbose: bool) -> None:
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    if not verbose:
+        logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
     # The job's workers call the State API too (Ray Train's placement-group cleaner, which frees
     # the workers of an early-stopped Tune trial). Without an address in their environment Ray
     # guesses one, and fails when several Ray instances run on the node.

@@ -29,9 +29,16 @@ ESCAPE = re.compile(r"\x1b\[|\r")
 
 
 def hrt_ray(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the console entry point; on a timeout stop it with SIGTERM so it stops its own Ray."""
+    """Run the console entry point as a user's shell would; on a timeout stop it with SIGTERM so
+    it stops its own Ray.
+
+    Not in the environment: the session's cluster (``RAY_ADDRESS``), and this suite's opt-out of
+    Ray's token authentication (``RAY_AUTH_MODE``, tests/conftest.py): a user's local instance
+    runs with Ray's default, token authentication on.
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
     cmd = [sys.executable, "-m", "hrt_ray", *args]
     with subprocess.Popen(
         cmd,
@@ -90,6 +97,8 @@ def test_train_output_is_one_clean_line_per_report(laptop_run) -> None:
     assert not ESCAPE.search(out + err), "escape codes / carriage returns in non-TTY output"
     assert "TrainingReport" not in out + err and "1e+30" not in out + err and "1e30" not in out + err
     assert "raylet" not in out + err and "Execution plan" not in out + err
+    # No line of Ray's own loggers (e.g. its notice that token authentication is on).
+    assert not re.search(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ", out + err, re.M), err
     lines = [line for line in out.splitlines() if line.startswith("iter ")]
     # Reports: the untrained model's validation at 0, a checkpoint at 2, validation + checkpoint at 4.
     assert [line.split()[1] for line in lines] == ["0/4", "2/4", "4/4"], out
@@ -244,6 +253,8 @@ def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
     ``RAY_ADDRESS``): one line each, and on the cluster the run's workers are gone after it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
+    if not on_cluster:  # a laptop's own instance: Ray's default token authentication (see hrt_ray())
+        env.pop("RAY_AUTH_MODE", None)
     if on_cluster:
         request.getfixturevalue("ray_session")
         import ray
