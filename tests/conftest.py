@@ -35,7 +35,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Keep every Ray server on loopback: Ray otherwise advertises the machine's external address.
 # (This switch makes Ray's node-IP lookup return 127.0.0.1; hrt_ray.ray_local does the same.)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("PYTHONHASHSEED", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

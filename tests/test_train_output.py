@@ -260,7 +260,9 @@ def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
         import ray
 
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    args = [*tiny(tmp_path, "sig"), "optim.max_iters=500", "checkpoint.every=1", "eval.at_start=false"]
+    # One training worker: what is checked is the driver's handling of the signal.
+    args = [*tiny(tmp_path, "sig"), "optim.max_iters=500", "checkpoint.every=1", "eval.at_start=false",
+            "scaling.num_workers=1"]  # fmt: skip
     with subprocess.Popen(
         [sys.executable, "-m", "hrt_ray", "train", "--no-eval", *args],
         cwd=tmp_path,
