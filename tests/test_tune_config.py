@@ -395,7 +395,7 @@ def test_asha_refuses_state_that_does_not_fit_the_sweep(tmp_path: Path, content:
 
 def test_reports_without_a_fresh_metric_never_reach_tune():
     """Reports without validation leave the metric out; ASHA must see only measured values."""
-    from hrt_ray.tune.trial import fresh
+    from hrt_ray.train.meter import is_finite_number as fresh
 
     assert fresh(0.0) and fresh(0.41) and fresh(3)
     assert not any(fresh(v) for v in (float("-inf"), float("nan"), None, True))

@@ -1,4 +1,5 @@
-"""The training metrics of one reporting window, summed on each worker.
+"""The training metrics of one reporting window, summed on each worker, and what counts as a
+measured value in a report.
 
 Its own module, without torch or Ray: the driver's config check lists the metric names a
 report can carry (``checkpoint.metric`` must be one) before anything heavy is imported.
@@ -6,8 +7,24 @@ report can carry (``checkpoint.metric`` must be one) before anything heavy is im
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def is_finite_number(value: Any) -> bool:
+    """A measured value: a finite int or float (not a bool, None, NaN or infinity).
+
+    Reports leave unmeasured metrics out, and nothing downstream (Tune's schedulers, JSON files,
+    the results table) may read NaN or infinity as a score.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_numbers(metrics: dict[str, Any]) -> dict[str, int | float]:
+    """The entries of ``metrics`` that are measured values, as plain Python numbers."""
+    return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items() if is_finite_number(v)}
 
 
 @dataclass

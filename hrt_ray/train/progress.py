@@ -16,7 +16,6 @@ stalls and later jumps back to an older iteration without saying why.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from ray.train.v2._internal.execution.failure_handling.default import _is_preemp
 from tqdm import tqdm
 
 from hrt_ray.train.failures import describe
+from hrt_ray.train.meter import finite_numbers
 
 #: Seconds between looks at the relay file.
 POLL_S = 0.5
@@ -62,11 +62,7 @@ class ReportRelay(_Relay, UserCallback):
     """Controller side: one JSON line per report (rank 0's finite numeric metrics)."""
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        row = {
-            k: v
-            for k, v in (metrics[0] if metrics else {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }
+        row: dict[str, Any] = finite_numbers(metrics[0] if metrics else {})
         row["checkpoint"] = checkpoint is not None
         self._write(row)
 

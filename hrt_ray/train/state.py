@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import posixpath
 import random
@@ -36,6 +35,7 @@ import pyarrow.fs as pafs
 import torch
 
 from hrt_ray import storage
+from hrt_ray.train.meter import finite_numbers
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MANIFEST_FILE = "hrt-checkpoint.json"
@@ -116,15 +116,6 @@ def save_state(
     }
     _write_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     return target
-
-
-def finite_numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    """The entries of ``metrics`` that are finite numbers (what JSON holds; NaN/inf dropped)."""
-    return {
-        k: v if isinstance(v, int) else float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
 
 
 def _write_atomic(target: Path, data: Any) -> None:

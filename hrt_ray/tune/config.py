@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -441,6 +440,3 @@ def _check_against_base(sweep: Sweep) -> None:
                     f"search: the trial with {params} is not a valid experiment: {exc}"
                 ) from None
 
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

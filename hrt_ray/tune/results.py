@@ -21,8 +21,8 @@ from ray.tune.experiment import Trial
 
 from hrt_ray import storage
 from hrt_ray.config import to_dict
-from hrt_ray.tune.config import SEARCH_KEY, SEARCH_KEYS, Sweep, config_value, finite, trial_run_name
-from hrt_ray.tune.trial import fresh
+from hrt_ray.train.meter import is_finite_number
+from hrt_ray.tune.config import SEARCH_KEY, SEARCH_KEYS, Sweep, config_value, trial_run_name
 
 #: Status of a trial in the table.
 COMPLETED = "completed"
@@ -84,7 +84,7 @@ def collect(sweep: Sweep) -> list[TrialRow]:
             has_ckpt = "checkpoint_path" in df.columns
             for _, rec in df.iterrows():
                 value, it = rec[metric], rec["iteration"]
-                if not (fresh(value) and finite(it)):
+                if not (is_finite_number(value) and is_finite_number(it)):
                     continue
                 curve[int(it)] = float(value)
                 if best is None or sign * value > sign * best:

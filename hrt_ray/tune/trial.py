@@ -16,7 +16,6 @@ already has changes nothing (ASHA decides once per trial and rung).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray import tune
@@ -26,6 +25,7 @@ from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig
 from hrt_ray.data import build_datasets
 from hrt_ray.infer.visualize import add_tensorboard_panel
+from hrt_ray.train.meter import is_finite_number
 from hrt_ray.train.paths import run_uri
 from hrt_ray.train.state import complete_checkpoints
 from hrt_ray.train.trainer import TrainError, build_trainer
@@ -50,13 +50,8 @@ class ValidationReportCallback(TuneReportCallback):
         self.metric = metric
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics and fresh(metrics[0].get(self.metric)):
+        if metrics and is_finite_number(metrics[0].get(self.metric)):
             super().after_report(run_context, metrics, checkpoint)
-
-
-def fresh(value: Any) -> bool:
-    """A real value of a metric (reports leave unmeasured metrics out; no infinity/NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def checkpointed_report(cfg: ExperimentConfig, metric: str) -> dict[str, Any] | None:
@@ -68,7 +63,7 @@ def checkpointed_report(cfg: ExperimentConfig, metric: str) -> dict[str, Any] | 
     loc = storage.resolve(run_uri(cfg), cfg.storage.endpoint, storage.RetryPolicy.from_config(cfg.storage))
     for ckpt in reversed(complete_checkpoints(loc.filesystem, loc.path)):
         metrics = ckpt.manifest.get("metrics") or {}
-        if fresh(metrics.get(metric)) and fresh(metrics.get("iteration")):
+        if is_finite_number(metrics.get(metric)) and is_finite_number(metrics.get("iteration")):
             return {**metrics, CHECKPOINT_PATH_KEY: ckpt.path}
     return None
 
