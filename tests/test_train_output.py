@@ -253,13 +253,13 @@ def test_an_interrupt_says_where_the_run_stands_and_how_to_resume(
     ``RAY_ADDRESS``): one line each, and on the cluster the run's workers are gone after it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    if not on_cluster:  # a laptop's own instance: Ray's default token authentication (see hrt_ray())
-        env.pop("RAY_AUTH_MODE", None)
     if on_cluster:
         request.getfixturevalue("ray_session")
         import ray
 
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    else:  # a laptop's own instance: Ray's default token authentication (see hrt_ray())
+        env.pop("RAY_AUTH_MODE", None)
     # One training worker: what is checked is the driver's handling of the signal.
     args = [*tiny(tmp_path, "sig"), "optim.max_iters=500", "checkpoint.every=1", "eval.at_start=false",
             "scaling.num_workers=1"]  # fmt: skip

@@ -23,6 +23,9 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.util import remove_placement_group
+from ray.util.placement_group import PlacementGroup, PlacementGroupID
+from ray.util.state import list_placement_groups
 
 from hrt_ray import storage
 from hrt_ray.config import ExperimentConfig
@@ -157,6 +160,24 @@ def prepare(sweep: Sweep, *, resume: bool) -> tuple[ExperimentConfig, int]:
     return cfg, concurrency(sweep, cfg)
 
 
+def release_placement_groups() -> list[str]:
+    """Remove the placement groups this driver's job still holds once Tune has returned.
+
+    After ``Tuner.fit()`` no trial of this sweep runs, so any placement group of this job is
+    left over: seen after a Ctrl-C, a trial's training group still CREATED minutes after the
+    driver exited, holding its workers' CPUs (on a cluster, GPUs) from every later job. Other
+    jobs' groups are never touched. Returns the removed groups' ids.
+    """
+    job = ray.get_runtime_context().get_job_id()
+    address = ray.get_runtime_context().gcs_address
+    removed = []
+    for pg in list_placement_groups(address=address, limit=10_000, raise_on_missing_output=False):
+        if pg.creator_job_id == job and pg.state != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg.placement_group_id)))
+            removed.append(pg.placement_group_id)
+    return removed
+
+
 def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepOutcome:
     """Start (or resume) the sweep, wait for it, write and return its report."""
     _, limit = prepare(sweep, resume=resume)
@@ -198,6 +219,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepOutcome:
             ),
         )
     tuner.fit()
+    release_placement_groups()
     wall = time.perf_counter() - start
     # Read back from the saved experiment state: after an interruption the driver's in-memory
     # trials read "terminated", the saved state keeps them pending/running (what resume runs).
