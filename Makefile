@@ -43,12 +43,11 @@ system-tools:
 	  || { echo "make test needs rsync (e.g. apt-get install rsync)" >&2; exit 1; }
 
 # Everything (what CI runs): the unit tier as test-fast runs it, then the slow tier (real Ray
-# clusters and an S3-compatible server on loopback), one half per process (tests/conftest.py:
-# the modules on the session's Ray and S3 server, and those that start their own clusters),
-# its 15 slowest tests printed.
+# clusters and an S3-compatible server on loopback), whole modules per process, the longest
+# first (tests/conftest.py), its 15 slowest tests printed.
 test: lint system-tools bytecode
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) -q
-	$(VENV)/bin/python -m pytest tests -m slow -n $(TEST_SLOW_WORKERS) --dist loadgroup \
+	$(VENV)/bin/python -m pytest tests -m slow -n $(TEST_SLOW_WORKERS) --dist loadfile \
 	  --no-loadscope-reorder --durations=15
 
 # The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).

@@ -40,8 +40,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 #: Slow-tier modules from the longest to the shortest (seconds on one pytest process on the
-#: 2-core development box, 2026-12-07 13:50 UTC, nothing else running). Within each group below
-#: the longest run first; modules not listed follow, in file order.
+#: 2-core development box, 2026-12-07 13:50 UTC, nothing else running). ``make test`` runs the
+#: slow tier on several pytest processes, one module at a time each (``--dist loadfile``) in
+#: collection order; starting the longest first keeps one long module from running alone at
+#: the end. Modules not listed follow, in file order.
 LONGEST_FIRST = (
     "test_multinode.py",  # 265: a 60 s drain deadline; the cluster idles through much of it
     "test_train_output.py",  # 143
@@ -57,37 +59,17 @@ LONGEST_FIRST = (
     "test_launcher_sync.py",  # 23
 )
 
-#: The two halves of the slow tier (``xdist_group`` names; ``make test`` runs one per pytest
-#: process with ``--dist loadgroup``). Every pytest process that runs a test using the session's
-#: Ray instance or S3 server starts its own of each, and an idle Ray node still burns CPU
-#: (GCS, raylet, dashboard and its agents, log monitor, pooled workers): on a 2-core box a
-#: second session instance beside the first costs more than it saves. So the modules that use
-#: them run on one process, and the modules that start their own clusters (multi-node, fake
-#: autoscaler, isolated nodes, launcher sync, a laptop's own instance) on the other, which
-#: never starts either. The two halves take about the same time on one process (2026-12-07).
-SESSION_GROUP = "session-servers"
-OWN_CLUSTERS_GROUP = "own-clusters"
 
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put every test that needs a server fixture in the ``slow`` tier, each slow test in its
-    half of the tier (``SESSION_GROUP`` or ``OWN_CLUSTERS_GROUP``), longest modules first.
+    """Put every test that needs a server fixture in the ``slow`` tier; longest modules first.
 
     ``make test-fast`` runs ``-m "not slow"``: the unit tier, with no Ray cluster and no S3
     server. Marking by fixture keeps a new S3 or Ray test out of the fast tier without anyone
-    having to remember the marker. A test that asks for a server fixture only inside
-    (``request.getfixturevalue``) names its group itself.
+    having to remember the marker.
     """
-    session_modules = set()
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            session_modules.add(item.path)
-    for item in items:
-        if item.get_closest_marker("slow") is not None and item.get_closest_marker("xdist_group") is None:
-            group = SESSION_GROUP if item.path in session_modules else OWN_CLUSTERS_GROUP
-            item.add_marker(pytest.mark.xdist_group(group))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SESSION_GROUP
 
 from hrt_ray.config import load_config
 from hrt_ray.train.runlock import LOCK_FILE, RunLock, RunLockedError
@@ -57,13 +56,9 @@ def lock_bytes(run_uri: str) -> bytes:
     return storage.read_bytes(f"{run_uri}/{LOCK_FILE}")
 
 
-# The S3 case starts the loopback S3 server: slow tier, in the half that runs the session's
-# servers (tests/conftest.py; the marks go on the parameter, since the fixture is only asked for
-# inside).
-S3_CASE = pytest.param("s3", marks=[pytest.mark.slow, pytest.mark.xdist_group(SESSION_GROUP)])
-
-
-@pytest.fixture(params=["local", S3_CASE])
+# The S3 case starts the loopback S3 server: slow tier (the marker goes on the parameter, since
+# the fixture is only asked for inside).
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def run_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "runs")
