@@ -7,8 +7,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 # pytest processes for the unit tier (TEST_FAST_WORKERS=1: one, e.g. to debug with pdb).
 TEST_FAST_WORKERS ?= 2
-# pytest processes for the slow tier, one test module at a time each (TEST_SLOW_WORKERS=1: the
-# modules one after another). Two on a 2-core box: the cluster rehearsals wait a lot (drain
+# pytest processes for the slow tier, one half of it each (TEST_SLOW_WORKERS=1: the halves
+# one after another). Two on a 2-core box: the cluster rehearsals wait a lot (drain
 # deadlines, autoscaler launches, a storage outage) and the other process fills that time; a
 # third only made every Ray process poll longer (2026-12-07: 16 min 41 s on two, 19 min 41 s on
 # three, 19 min on one).
@@ -43,12 +43,12 @@ system-tools:
 	  || { echo "make test needs rsync (e.g. apt-get install rsync)" >&2; exit 1; }
 
 # Everything (what CI runs): the unit tier as test-fast runs it, then the slow tier (real Ray
-# clusters and an S3-compatible server on loopback), whole modules per process, the longest
-# first (tests/conftest.py), its 15 slowest tests printed.
+# clusters and an S3-compatible server on loopback) as two halves, one per process: the modules
+# that start their own clusters, and those on the session's Ray instance and S3 server
+# (OWN_CLUSTER_MODULES in tests/conftest.py), the longest first; its 15 slowest tests printed.
 test: lint system-tools bytecode
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -m "not slow" -n $(TEST_FAST_WORKERS) -q
-	$(VENV)/bin/python -m pytest tests -m slow -n $(TEST_SLOW_WORKERS) --dist loadfile \
-	  --no-loadscope-reorder --durations=15
+	$(VENV)/bin/python -m pytest tests -m slow -n $(TEST_SLOW_WORKERS) --slow-halves --durations=15
 
 # The unit tier for the inner loop: no Ray instance, no S3 server (tests/conftest.py marks those slow).
 # Two pytest processes, one torch thread each: these tests run many tiny ops, where a second

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 #: Fixtures that start a server or a Ray instance: a test using one (directly or through another
 #: fixture) belongs to the slow tier, whatever its module says.
@@ -40,10 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 #: Slow-tier modules from the longest to the shortest (seconds on one pytest process on the
-#: 2-core development box, 2026-12-07 13:50 UTC, nothing else running). ``make test`` runs the
-#: slow tier on several pytest processes, one module at a time each (``--dist loadfile``) in
-#: collection order; starting the longest first keeps one long module from running alone at
-#: the end. Modules not listed follow, in file order.
+#: 2-core development box, 2026-12-07 13:50 UTC, nothing else running). Each pytest process
+#: runs its half of the slow tier (below) in collection order; the longest first keeps one long
+#: module from running alone at the end. Modules not listed follow, in file order.
 LONGEST_FIRST = (
     "test_multinode.py",  # 265: a 60 s drain deadline; the cluster idles through much of it
     "test_train_output.py",  # 143
@@ -58,6 +58,68 @@ LONGEST_FIRST = (
     "test_export.py",  # 28
     "test_launcher_sync.py",  # 23
 )
+
+#: The slow-tier modules that start clusters of their own (multi-node, the fake autoscaler,
+#: isolated job-server nodes, the launcher's synced node, a laptop's own instance, subprocess
+#: runs) and never use the session's Ray instance or S3 server. ``make test`` (``--slow-halves``)
+#: gives them to one pytest process and every other slow module to the other: each pytest
+#: process that runs a test on the session's servers starts its own Ray instance and S3 server,
+#: and on a 2-core box a second idle Ray node (GCS, raylet, dashboard and its agents, log
+#: monitor, pooled workers) costs CPU that the tests need. A process that runs out of its own
+#: half takes modules from the other rather than idle. ``_unit_tests_start_no_servers`` fails a
+#: test listed here that starts a session server after all.
+OWN_CLUSTER_MODULES = frozenset(
+    {
+        "test_autoscaling.py",
+        "test_ddp_layout.py",
+        "test_export.py",
+        "test_jobs_submit.py",
+        "test_launcher_sync.py",
+        "test_multinode.py",
+        "test_ray_local.py",
+        "test_visualize.py",
+    }
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow-halves",
+        action="store_true",
+        help="with -n 2: whole modules per pytest process, OWN_CLUSTER_MODULES (tests/conftest.py) "
+        "preferably on one, the modules on the session's Ray and S3 server on the other",
+    )
+
+
+class _SlowTierHalves(LoadScopeScheduling):
+    """Whole modules per worker, longest first; ``gw0`` prefers the modules on the session's
+    servers and the other workers prefer ``OWN_CLUSTER_MODULES``, each taking from the other
+    half only when its own is used up.
+
+    A scheduler of our own rather than ``--dist loadgroup``: xdist 3.8 marks groups by
+    rewriting node ids, which pytest 9.2 no longer lets it do, so the groups are silently
+    ignored (pytest-dev/pytest-xdist#1386). The controller sees module names without collecting.
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        return nodeid.split("::", 1)[0]
+
+    def _assign_work_unit(self, node: object) -> None:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        wants_own = getattr(getattr(node, "gateway", None), "id", "gw0") != "gw0"
+
+        def preference(scope: str) -> tuple[bool, int]:
+            name = scope.rsplit("/", 1)[-1]
+            return ((name in OWN_CLUSTER_MODULES) != wants_own, rank.get(name, len(rank)))
+
+        best = min(self.workqueue, key=preference)  # ties keep queue (collection) order
+        self.workqueue.move_to_end(best, last=False)
+        super()._assign_work_unit(node)  # takes the first unit of the queue
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which always answers
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> LoadScopeScheduling | None:
+    return _SlowTierHalves(config, log) if config.getoption("slow_halves") else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -85,18 +147,25 @@ _S3_STARTED: list[bool] = []
 
 @pytest.fixture(autouse=True)
 def _unit_tests_start_no_servers(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A unit-tier test must not start Ray or the S3 server: it would belong in the slow tier.
+    """A unit-tier test must not start Ray or the S3 server: it would belong in the slow tier;
+    nor may a test in ``OWN_CLUSTER_MODULES`` start the session's servers: it would belong in
+    the other half of the slow tier.
 
     Compared before and after the test, because in the full suite the session's Ray instance
     (``ray_session``) and S3 server are up once any slow test has run; this also catches a
     fixture asked for inside a test (``request.getfixturevalue``), which marking by fixture
     names cannot see.
     """
-    if request.node.get_closest_marker("slow") is not None:
-        yield
-        return
     ray_before, s3_before = _ray_running(), bool(_S3_STARTED)
     yield
+    if request.node.get_closest_marker("slow") is not None:
+        if request.node.path.name in OWN_CLUSTER_MODULES and not s3_before and _S3_STARTED:
+            pytest.fail(
+                f"{request.node.nodeid} started the session's S3 server (ray_session starts it "
+                "too), but its module is in OWN_CLUSTER_MODULES (tests/conftest.py): take it out",
+                pytrace=False,
+            )
+        return
     if not ray_before and _ray_running():
         sys.modules["ray"].shutdown()
         pytest.fail(f"{request.node.nodeid} started Ray but is not marked slow", pytrace=False)
