@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
+from xdist.workermanage import WorkerController
 
 #: Fixtures that start a server or a Ray instance: a test using one (directly or through another
 #: fixture) belongs to the slow tier, whatever its module says.
@@ -42,8 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Slow-tier modules from the longest to the shortest (seconds on one pytest process on the
 #: 2-core development box, 2026-12-07 13:50 UTC, nothing else running). Each pytest process
-#: runs its half of the slow tier (below) in collection order; the longest first keeps one long
-#: module from running alone at the end. Modules not listed follow, in file order.
+#: takes the longest module left of its half of the slow tier (below); the longest first keeps
+#: one long module from running alone at the end. Modules not listed follow, in file order.
 LONGEST_FIRST = (
     "test_multinode.py",  # 265: a 60 s drain deadline; the cluster idles through much of it
     "test_train_output.py",  # 143
@@ -58,6 +59,7 @@ LONGEST_FIRST = (
     "test_export.py",  # 28
     "test_launcher_sync.py",  # 23
 )
+_RANK = {name: i for i, name in enumerate(LONGEST_FIRST)}
 
 #: The slow-tier modules that start clusters of their own (multi-node, the fake autoscaler,
 #: isolated job-server nodes, the launcher's synced node, a laptop's own instance, subprocess
@@ -104,13 +106,12 @@ class _SlowTierHalves(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
         return nodeid.split("::", 1)[0]
 
-    def _assign_work_unit(self, node: object) -> None:
-        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-        wants_own = getattr(getattr(node, "gateway", None), "id", "gw0") != "gw0"
+    def _assign_work_unit(self, node: WorkerController) -> None:
+        wants_own = node.gateway.id != "gw0"
 
         def preference(scope: str) -> tuple[bool, int]:
             name = scope.rsplit("/", 1)[-1]
-            return ((name in OWN_CLUSTER_MODULES) != wants_own, rank.get(name, len(rank)))
+            return ((name in OWN_CLUSTER_MODULES) != wants_own, _RANK.get(name, len(_RANK)))
 
         best = min(self.workqueue, key=preference)  # ties keep queue (collection) order
         self.workqueue.move_to_end(best, last=False)
@@ -132,8 +133,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within
+    items.sort(key=lambda item: _RANK.get(item.path.name, len(_RANK)))  # stable: file order within
 
 
 def _ray_running() -> bool:
