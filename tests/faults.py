@@ -18,6 +18,7 @@ directory, so this module is pickled by value.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -50,6 +51,9 @@ class _WrapTrainStep(WorkerCallback):
         self._original = loop.train_step
         original = self._original
 
+        # wraps: the signature stays the real step's, so another wrapper (callbacks stack, in
+        # list order) still finds the ``scheduler`` argument.
+        @functools.wraps(original)
         def train_step(*args: Any, **kwargs: Any) -> Any:
             return self.around(original, _iteration_of(original, args, kwargs), args, kwargs)
 

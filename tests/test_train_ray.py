@@ -1,5 +1,5 @@
-"""Distributed training on a real local Ray (2 CPU workers, gloo): survive a killed worker, refuse
-impossible requests.
+"""Distributed training on a real local Ray (2 CPU workers, gloo): survive a killed worker, listen
+on loopback only, refuse impossible requests.
 
 A short run's reports, checkpoints, validation and evaluation are checked on the one run of
 test_train_output.py (the command as a laptop runs it); a run resumed with another config in
@@ -12,11 +12,14 @@ not accuracy; `hrt-ray bench train` and the default run measure speed and learni
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faults import CrashAt
+from probes import RecordListening, recorded
 from stored_checkpoints import complete_states
 
 from hrt_ray.config import ExperimentConfig, load_config
@@ -61,11 +64,13 @@ def checkpoints(run_dir: Path) -> list[dict]:
     return complete_states(run_dir)
 
 
-def test_killed_worker_restarts_from_the_newest_complete_checkpoint(
-    ray_session: None, data_dir: Path, tmp_path: Path
-) -> None:
-    """A worker dies as soon as checkpoint 3 is complete on storage; Ray restarts the group
-    (``failure.max_failures=1``) and it continues from 3.
+@pytest.fixture(scope="module")
+def killed_run(
+    ray_session: None, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Path]:
+    """A 2-worker run whose last rank dies as soon as checkpoint 3 is complete on storage; Ray
+    restarts the group (``failure.max_failures=1``). Every worker process of both groups also
+    records its listening sockets (:class:`probes.RecordListening`).
 
     Ray registers a round only once its background upload has ended and the controller has
     collected every worker's report (polled every 2 s; a dead worker's pending report is lost),
@@ -73,16 +78,24 @@ def test_killed_worker_restarts_from_the_newest_complete_checkpoint(
     newer complete one on storage. (The crash waits for the upload: unwaited, a loaded box
     crashes mid-upload and 2 is rightly the newest complete checkpoint.)
     """
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
     from hrt_ray.train.trainer import fit
 
-    runs = tmp_path / "runs"
+    tmp = tmp_path_factory.mktemp("killed")
+    runs = tmp / "runs"
     cfg = tiny_config(
         data_dir, str(runs), "killed", "failure.max_failures=1", "optim.max_iters=5", "checkpoint.keep=5"
     )
-    summary = fit(cfg, callbacks=[CrashAt(4, tmp_path / "crashed", once_stored=(runs / "killed", 3))])
-    assert (tmp_path / "crashed").exists(), "the fault was injected"
+    crash = CrashAt(4, tmp / "crashed", once_stored=(runs / "killed", 3))
+    summary = fit(cfg, callbacks=[crash, RecordListening(tmp / "sockets")])
+    return summary, tmp
+
+
+def test_killed_worker_restarts_from_the_newest_complete_checkpoint(killed_run: tuple[Any, Path]) -> None:
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    summary, tmp = killed_run
+    runs = tmp / "runs"
+    assert (tmp / "crashed").exists(), "the fault was injected"
     assert summary.resumed_from == 3 and summary.iteration == 5
     states = checkpoints(Path(summary.run_dir))
     assert max(s["iteration"] for s in states) == 5
@@ -90,6 +103,35 @@ def test_killed_worker_restarts_from_the_newest_complete_checkpoint(
     snapshot = json.loads((runs / "killed" / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
     registered = sorted(int(r["metrics"]["iteration"]) for r in snapshot["checkpoint_results"])
     print(f"Ray registered checkpoints {registered}; the restarted group resumed from {summary.resumed_from}")
+
+
+def _loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback (``::ffff:127.0.0.1``: a dual-stack socket)."""
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def test_every_training_process_listens_on_loopback_only(killed_run: tuple[Any, Path]) -> None:
+    """Which addresses the worker processes of a loopback run listen on, seen from inside each.
+
+    On main, rank 0's torch.distributed store (started by ``init_process_group("env://")``)
+    listened on ``::``, every interface of the machine, although the run's cluster advertised
+    127.0.0.1. Both worker groups of the killed run (through the trainer's own ``TorchConfig``)
+    are checked: the first, and the one Ray restarted.
+    """
+    _, tmp = killed_run
+    procs = recorded(tmp / "sockets")
+    # Two ranks per group, each its own process; the restarted group is two new processes.
+    assert len(procs) == 4 and len({p["pid"] for p in procs}) == 4, procs
+    assert sorted(p["rank"] for p in procs) == [0, 0, 1, 1] and {p["world_size"] for p in procs} == {2}
+    for zero in (p for p in procs if p["rank"] == 0):
+        store = tuple(zero["store"])
+        assert store[0] == "127.0.0.1"
+        assert store in [tuple(a) for a in zero["listening"]]  # rank 0 serves the store...
+    for p in procs:  # ...and no process listens beyond loopback
+        assert p["listening"], p
+        assert all(_loopback(ip) for ip, _ in p["listening"]), p
 
 
 def test_unsatisfiable_request_fails_before_fit_with_the_numbers(
