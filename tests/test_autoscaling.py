@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import yaml
+from stored_checkpoints import complete_states
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -473,31 +474,30 @@ def test_infeasible_request_fails_at_once_naming_the_node_types(
 
 
 @pytest.mark.slow
-def test_training_job_scales_up_runs_and_scales_down(cluster: FakeAutoscalingCluster, workdir: Path) -> None:
-    """Zero workers at the start; one worker asks for a GPU: the autoscaler launches the
-    single-GPU spot type (best fit, then priority), the run finishes, the nodes idle away.
+def test_training_job_scales_up_spot_first_then_on_demand_runs_and_scales_down(
+    cluster: FakeAutoscalingCluster, workdir: Path
+) -> None:
+    """Zero workers at the start; two training workers, each asking for a GPU, while the cloud
+    has spot capacity for one single-GPU node only (``gpu1_spot`` capped at one): the autoscaler
+    launches the single-GPU spot type (best fit, then priority) for one worker and its on-demand
+    twin for the other, the run finishes on the two nodes, and the nodes idle away.
 
-    Only the first launch is the request's: during the run Ray Train's and Ray Data's
+    One job for what two did (one launched spot, then one with no spot capacity at all launched
+    on-demand): the fallback is the same rule, a type at its cap gives way to the next priority.
+    Only the first launches are the request's: during the run Ray Train's and Ray Data's
     autoscaling coordinator asks for more, which Ray keeps off real "GPU" node types but
     not off the stand-in's."""
     assert cluster.worker_nodes() == []
     seen: list[str] = []
-    status, logs = cluster.wait_job(cluster.submit(train_entrypoint(workdir, "scale")), 900, seen)
+    with cluster.node_types(gpu1_spot={"max_workers": 1}):
+        job = cluster.submit(train_entrypoint(workdir, "scale", "scaling.num_workers=2"))
+        status, logs = cluster.wait_job(job, 900, seen)
     assert status == "SUCCEEDED", logs[-4000:]
     assert "waiting up to" in logs and "resources ready" in logs, logs[-3000:]
     assert (workdir / "runs" / "scale" / "summary.json").exists()
-    assert seen[0] == "gpu1_spot" and "gpu1_ondemand" not in seen, seen
-    cluster.wait_scaled_to_zero(timeout=300)
-
-
-@pytest.mark.slow
-def test_spot_unavailable_launches_the_on_demand_twin(cluster: FakeAutoscalingCluster, workdir: Path) -> None:
-    """No spot capacity (the spot type may launch nothing): the same job gets on-demand."""
-    with cluster.node_types(gpu1_spot={"max_workers": 0}):
-        seen: list[str] = []
-        status, logs = cluster.wait_job(cluster.submit(train_entrypoint(workdir, "ondemand")), 900, seen)
-        assert status == "SUCCEEDED", logs[-4000:]
-        assert seen[0] == "gpu1_ondemand" and "gpu1_spot" not in seen, seen
+    assert sorted(seen[:2]) == ["gpu1_ondemand", "gpu1_spot"], seen
+    # Both workers trained: the checkpoint holds one RNG state per rank.
+    assert {len(s["rng"]) for s in complete_states(workdir / "runs" / "scale")} == {2}
     cluster.wait_scaled_to_zero(timeout=300)
 
 
