@@ -103,6 +103,12 @@ def test_killed_worker_restarts_from_the_newest_complete_checkpoint(killed_run: 
     snapshot = json.loads((runs / "killed" / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
     registered = sorted(int(r["metrics"]["iteration"]) for r in snapshot["checkpoint_results"])
     print(f"Ray registered checkpoints {registered}; the restarted group resumed from {summary.resumed_from}")
+    # The run's placement-group cleaner was hrt-ray's, which waits for a confirmed controller death.
+    from ray.util.state import list_actors
+
+    cleaners = list_actors(filters=[("class_name", "=", "ConfirmingPlacementGroupCleaner")], limit=1000)
+    assert cleaners, "no ConfirmingPlacementGroupCleaner ran"
+    assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=1000)
 
 
 def _loopback(ip: str) -> bool:

@@ -24,6 +24,7 @@ from hrt_ray.train.distributed import BoundStoreTorchConfig
 from hrt_ray.train.failures import FailFast, describe, deterministic_cause
 from hrt_ray.train.loop import train_loop_per_worker
 from hrt_ray.train.paths import checkpoint_uri, ray_storage, run_uri, worker_config
+from hrt_ray.train.pg_cleaner import with_confirming_cleaner
 from hrt_ray.train.preflight import Hold, preflight, worker_bundle
 
 # The preflight lives in its own module; callers of ``trainer`` keep importing these names here.
@@ -40,6 +41,15 @@ class TrainError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
+
+
+class _TorchTrainer(TorchTrainer):
+    """``TorchTrainer`` whose placement-group cleaner removes a run's group only once its
+    controller is known to be dead (``pg_cleaner.py``: Ray's takes a State API reply that comes
+    back empty on a loaded head for death, and tears the live run down)."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return with_confirming_cleaner(super()._create_default_callbacks())
 
 
 def build_trainer(
@@ -91,7 +101,7 @@ def build_trainer(
         backend="nccl" if cfg.scaling.use_gpu else "gloo",
         timeout_s=max(1, int(cfg.failure.stall_timeout_s)),
     )
-    return TorchTrainer(
+    return _TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={
             "cfg": worker_config(cfg),
