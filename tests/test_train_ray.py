@@ -104,11 +104,16 @@ def test_killed_worker_restarts_from_the_newest_complete_checkpoint(killed_run: 
     registered = sorted(int(r["metrics"]["iteration"]) for r in snapshot["checkpoint_results"])
     print(f"Ray registered checkpoints {registered}; the restarted group resumed from {summary.resumed_from}")
     # The run's placement-group cleaner was hrt-ray's, which waits for a confirmed controller death.
+    import ray
     from ray.util.state import list_actors
 
-    cleaners = list_actors(filters=[("class_name", "=", "ConfirmingPlacementGroupCleaner")], limit=1000)
-    assert cleaners, "no ConfirmingPlacementGroupCleaner ran"
-    assert not list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=1000)
+    address = ray.get_runtime_context().gcs_address  # the other pytest process runs a Ray of its own
+
+    def actors(class_name: str) -> list:
+        return list_actors(address=address, filters=[("class_name", "=", class_name)], limit=1000)
+
+    assert actors("ConfirmingPlacementGroupCleaner"), "no ConfirmingPlacementGroupCleaner ran"
+    assert not actors("PlacementGroupCleaner")
 
 
 def _loopback(ip: str) -> bool:
